@@ -1,0 +1,12 @@
+"""suanli (算力): train large language models on mixed accelerator fleets.
+
+What users import; everything else lives in suanli.backends / .infra / .fault / .bench.
+"""
+
+from suanli.backends import get_accelerator
+from suanli.infra.distributed import ParallelConfig, ParallelContext, init, shutdown
+from suanli.infra.model import ModelConfig, Transformer
+
+__version__ = "0.1.0"
+
+__all__ = ["get_accelerator", "init", "shutdown", "ParallelConfig", "ParallelContext", "ModelConfig", "Transformer"]
