@@ -115,10 +115,6 @@ class ParallelContext:
         except (KeyError, RuntimeError, ValueError):
             return self.mesh[(a, b)]._flatten(name)
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.parallel.pp - 1
-
     def coordinates(self) -> dict[str, int]:
         return {d: self.coord(d) for d in MESH_DIMS}
 

@@ -1,0 +1,246 @@
+"""The job configuration: one dataclass tree holding every default.
+
+A TOML file and `--set section.key=value` only override it. Unknown keys and wrong types
+are errors that name the key; the effective config is written back as TOML to the run
+directory so a run can always be reproduced from what it wrote.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    # Explicit fields override the preset's; None keeps the preset's value.
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    vocab_size: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class DataSection:
+    synthetic: bool = True
+    path: str = ""                    # flat token file (.bin + .json) when synthetic = false
+    synthetic_tokens: int = 2_000_000
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    seq_len: int = 256
+    global_batch: int = 16            # sequences per optimizer step, across all data-parallel ranks
+    micro_batch: int = 4
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0            # 0 disables clipping (the norm is still logged)
+    dtype: str = "fp32"               # fp32 | bf16
+    seed: int = 0
+    run_dir: str = "runs/demo"
+    peak_tflops: float = 0.0          # 0: the HAL table; else the user's figure for MFU
+    log_every: int = 1
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    pp_schedule: str = "1f1b"         # gpipe | 1f1b | interleaved-1f1b | zbv
+    pp_layers: Any = field(default_factory=list)  # [] uniform, [2, 3, 3, 2] explicit, or "auto"
+    pp_stages_per_rank: int = 2       # for interleaved-1f1b (zbv always uses 2)
+    activation_checkpoint: str = "none"  # none | full | selective
+
+
+@dataclass
+class CommSection:
+    grad: str = "fp32"                # fp32 | bf16 | int8 | powersgd
+    powersgd_rank: int = 4
+    diloco_inner_steps: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 50
+    keep_last: int = 3
+    async_: bool = True
+
+
+@dataclass
+class FaultSection:
+    health: str = "auto"
+    heartbeat_interval_s: float = 1.0
+    dead_after_s: float = 3.0
+    spike_guard: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    comm: CommSection = field(default_factory=CommSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    def to_dict(self) -> dict:
+        return {s.name: {_toml_key(k): v for k, v in asdict(getattr(self, s.name)).items() if v is not None}
+                for s in fields(self)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _toml_key(name: str) -> str:
+    return name.rstrip("_")  # `async` is a Python keyword, stored as async_
+
+
+def _field_map(section: Any) -> dict[str, Any]:
+    return {_toml_key(f.name): f for f in fields(section)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field's type; ints are accepted where floats are expected."""
+    ann = str(annotation)  # a string: annotations are not evaluated under `from __future__`
+    allow_none = "None" in ann
+    if value is None and allow_none:
+        return None
+    if ann.startswith("Any"):
+        return value
+    base = ann.split("|")[0].strip()
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {base}, got {type(value).__name__} {value!r}")
+
+
+def apply_overrides(cfg: JobConfig, data: dict, origin: str) -> JobConfig:
+    sections = {f.name: f for f in fields(cfg)}
+    for sname, values in data.items():
+        if sname not in sections:
+            raise ConfigError(f"{origin}: unknown section [{sname}]; known sections: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{sname}] must be a table of keys")
+        section = getattr(cfg, sname)
+        fmap = _field_map(section)
+        for k, v in values.items():
+            if k not in fmap:
+                raise ConfigError(f"{origin}: unknown key {sname}.{k}; known keys in [{sname}]: {sorted(fmap)}")
+            setattr(section, fmap[k].name, _coerce(f"{sname}.{k}", v, fmap[k].type))
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set train.steps=20 parallel.pp_layers=[1,3]` → nested dict. Values parse as TOML
+    literals; anything that is not one is taken as a string."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        sname, k = key.strip().split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(sname, {})[k] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    cfg = JobConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        apply_overrides(cfg, data, str(p))
+    if overrides:
+        apply_overrides(cfg, parse_set(overrides), "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: JobConfig) -> None:
+    t, p = cfg.train, cfg.parallel
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for k in ("steps", "seq_len", "global_batch", "micro_batch"):
+        need(getattr(t, k) > 0, f"train.{k}: must be > 0")
+    need(t.dtype in ("fp32", "bf16"), f"train.dtype: '{t.dtype}' is not one of fp32, bf16")
+    need(t.global_batch % t.micro_batch == 0,
+         f"train.micro_batch: {t.micro_batch} does not divide train.global_batch={t.global_batch}")
+    need(p.pp_schedule in ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
+         f"parallel.pp_schedule: '{p.pp_schedule}' is not one of gpipe, 1f1b, interleaved-1f1b, zbv")
+    need(p.activation_checkpoint in ("none", "full", "selective"),
+         f"parallel.activation_checkpoint: '{p.activation_checkpoint}' is not one of none, full, selective")
+    need(p.pp_layers == "auto" or (isinstance(p.pp_layers, list) and all(isinstance(x, int) for x in p.pp_layers)),
+         f"parallel.pp_layers: expected a list of layer counts per stage or \"auto\", got {p.pp_layers!r}")
+    need(cfg.comm.grad in ("fp32", "bf16", "int8", "powersgd"),
+         f"comm.grad: '{cfg.comm.grad}' is not one of fp32, bf16, int8, powersgd")
+    need(cfg.data.synthetic or bool(cfg.data.path), "data.path: set a token file, or data.synthetic = true")
+
+
+def model_config(cfg: JobConfig):
+    from suanli.infra.model import preset
+
+    explicit = {k: v for k, v in asdict(cfg.model).items() if k != "preset" and v is not None}
+    try:
+        return preset(cfg.model.preset, **explicit)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: JobConfig) -> str:
+    lines = []
+    for sname, values in cfg.to_dict().items():
+        lines.append(f"[{sname}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["JobConfig", "ConfigError", "load_config", "parse_set", "to_toml", "model_config", "validate"]
