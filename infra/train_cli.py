@@ -14,6 +14,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; repeatable")
     p.add_argument("--run-dir", default=None, help="shortcut for --set train.run_dir=...")
+    p.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="SPEC",
+                   help="kill:rank=1:step=30 | hang:rank=0:step=50 | nan:step=40 | slow:rank=1:factor=3 | "
+                        "raise:rank=0:step=20; repeatable")
     p.set_defaults(func=run_train)
 
 
@@ -26,6 +29,11 @@ def run_train(args) -> int:
     cfg = load_config(args.config, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", args.nproc))
     preflight(cfg, world_size)  # every layout error before any process starts
+    from suanli.infra.faults import parse_fault
+
+    faults = [parse_fault(f) for f in args.faults]
+    if faults:
+        os.environ["SUANLI_INJECT_FAULTS"] = ",".join(str(f) for f in faults)
     if args.nproc > 1 and "RANK" not in os.environ:
         from suanli.infra.launch import launch_local
 
@@ -39,9 +47,11 @@ def run_train(args) -> int:
         return res.returncode
 
     from suanli.infra.distributed import shutdown
+    from suanli.infra.faults import FaultInjector, faults_from_env
     from suanli.infra.trainer import Trainer
 
     trainer = Trainer(cfg)
+    FaultInjector(faults_from_env(), trainer.run_dir, trainer.ctx.rank).attach(trainer)
     try:
         results = trainer.fit()
         if trainer.is_logger and results:
