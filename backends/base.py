@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 
@@ -302,28 +301,3 @@ def apply_watchdog_env(acc: Accelerator, environ: dict[str, str], timeout_s: flo
             environ[k] = v
             applied[k] = v
     return applied
-
-
-def run_tool(cmd: list[str], timeout_s: float = 5.0) -> str | None:
-    """Run a vendor health tool; None when it is missing, fails or hangs (a health probe
-    must never hang the caller)."""
-    import shutil
-    import subprocess
-
-    if shutil.which(cmd[0]) is None:
-        return None
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def first_number(text: str, pattern: str) -> float | None:
-    m = re.search(pattern, text, re.IGNORECASE | re.MULTILINE)
-    if not m:
-        return None
-    try:
-        return float(m.group(1))
-    except (TypeError, ValueError):
-        return None
