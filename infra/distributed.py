@@ -151,14 +151,17 @@ def init(parallel: ParallelConfig | None = None, timeout_s: float = 600.0,
     resolved = parallel.resolve(world_size)
 
     applied = apply_watchdog_env(acc, os.environ, timeout_s)
+    # torchrun shows every device and LOCAL_RANK picks one; a scheduler that narrows
+    # visibility to one device per process (the Ray supervisor) says so with SUANLI_DEVICE_INDEX.
+    index = int(os.environ.get("SUANLI_DEVICE_INDEX", local_rank))
     if acc.device_type != "cpu":
         n = acc.device_count()
-        if local_rank >= n:
+        if index >= n:
             raise RuntimeError(
-                f"LOCAL_RANK={local_rank} but only {n} {acc.name} device(s) are visible; "
-                f"start at most {n} processes per node or check {acc.visible_devices_env}")
-        acc.set_device(local_rank)
-    device = acc.device(local_rank) if acc.device_type != "cpu" else torch.device("cpu")
+                f"device index {index} (LOCAL_RANK / SUANLI_DEVICE_INDEX) but only {n} {acc.name} device(s) are "
+                f"visible; start at most {n} processes per node or check {acc.visible_devices_env}")
+        acc.set_device(index)
+    device = acc.device(index) if acc.device_type != "cpu" else torch.device("cpu")
 
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)

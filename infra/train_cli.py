@@ -13,6 +13,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--nproc", type=int, default=1, help="local processes to start (torchrun-compatible env)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; repeatable")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local: N processes on this machine; ray: one Ray actor per accelerator, supervised")
+    p.add_argument("--workers", type=int, default=None, help="ranks under --launcher ray")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--run-dir", default=None, help="shortcut for --set train.run_dir=...")
     p.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="SPEC",
                    help="kill:rank=1:step=30 | hang:rank=0:step=50 | nan:step=40 | slow:rank=1:factor=3 | "
@@ -27,6 +31,8 @@ def run_train(args) -> int:
     if args.run_dir:
         overrides.append(f'train.run_dir="{args.run_dir}"')
     cfg = load_config(args.config, overrides)
+    if args.launcher == "ray":
+        return run_supervised(cfg, args)
     world_size = int(os.environ.get("WORLD_SIZE", args.nproc))
     preflight(cfg, world_size)  # every layout error before any process starts
     from suanli.infra.faults import parse_fault
@@ -58,6 +64,24 @@ def run_train(args) -> int:
             print(f"done: {trainer.step} steps, final loss {results[-1].loss:.4f}, run directory {trainer.run_dir}")
     finally:
         shutdown()
+    return 0
+
+
+def run_supervised(cfg, args) -> int:
+    import json
+
+    from suanli.infra.cluster.supervisor import JobFailed, Supervisor
+    from suanli.infra.faults import parse_fault
+
+    workers = args.workers or args.nproc
+    preflight(cfg, workers)
+    faults = [str(parse_fault(f)) for f in args.faults]
+    try:
+        summary = Supervisor(cfg, workers=workers, ray_address=args.ray_address, faults=faults).run()
+    except JobFailed as e:
+        print(f"suanli train: job failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""suanli.infra.cluster: the Ray supervisor (gang launch, failure classification, restart)."""
