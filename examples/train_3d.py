@@ -10,8 +10,8 @@ import torch
 
 import suanli
 from suanli.infra.data import DistributedBatchSampler, TokenDataset, make_batch, synthetic_tokens
-from suanli.infra.model import cross_entropy_loss, preset
-from suanli.infra.optim import build_optimizer, clip_grad_norm_
+from suanli.infra.model import preset
+from suanli.infra.optim import build_optimizer
 
 ctx = suanli.init(suanli.ParallelConfig(tp=2, pp=2))
 cfg = preset("tiny")
@@ -25,7 +25,7 @@ for step, indices in zip(range(20), sampler):
     inputs, targets = make_batch(data, indices)
     with torch.distributed.tensor.parallel.loss_parallel():
         losses = model.pipeline.step(inputs, targets)
-    clip_grad_norm_(list(model.parameters()), 1.0, ctx.group("pp"))
+    model.clip_grad_norm_(1.0)
     opt.step()
     opt.zero_grad()
     if losses:  # only the rank holding the last stage sees the loss

@@ -68,16 +68,33 @@ class ParallelSection:
 
 @dataclass
 class CommSection:
-    grad: str = "fp32"                # fp32 | bf16 | int8 | powersgd
+    # Low-bandwidth options (suanli.infra.lowbw); every one is built from torch collectives.
+    grad: str = "fp32"                # fp32 | bf16 | fp16 | int8 | fp8 | powersgd
     powersgd_rank: int = 4
-    diloco_inner_steps: int = 0
+    powersgd_warmup_steps: int = 10   # plain fp32 all-reduce for the first N steps
+    quant_block: int = 256            # elements per int8/fp8 scale
+    error_feedback: bool = True       # int8/fp8 and PowerSGD carry their compression error forward
+    ddp_hooks: bool = True            # bf16/fp16/powersgd under DDP: torch's comm hooks; false: suanli's own
+    diloco_inner_steps: int = 0       # 0 = off; H local steps between outer steps
+    diloco_outer_lr: float = 0.7      # outer Nesterov SGD, DiLoCo paper defaults
+    diloco_outer_momentum: float = 0.9
+    diloco_compress: str = "fp32"     # pseudo-gradient codec: fp32 | bf16 | fp16 | int8 | fp8
+    diloco_streaming_fragments: int = 1  # > 1: fragments synced in turn (Streaming DiLoCo)
+    diloco_warmup_steps: int = 0      # data-parallel steps (diloco_compress codec) before the first inner phase
+    hierarchical: bool = False        # reduce-scatter in node, all-reduce across, all-gather in node
+    node_size: int = 0                # ranks per node for `hierarchical`; 0 = group by hostname
+    pp_compress: str = "none"         # pipeline activations/grads at stage boundaries: none | bf16 | int8
+    pp_compress_boundaries: Any = field(default_factory=list)  # [] = all; [1] = between stages 1 and 2
 
 
 @dataclass
 class CheckpointSection:
-    every_steps: int = 50
-    keep_last: int = 3
-    async_: bool = True
+    every_steps: int = 50             # save every N steps (and at the last); 0 disables
+    keep_last: int = 3                # committed checkpoints kept; 0 keeps all
+    keep_every: int = 0               # also keep every step divisible by this forever; 0: none
+    async_: bool = True               # write in the background (the loop blocks only for the snapshot)
+    resume: bool = True               # start from the newest valid checkpoint in the run directory
+    dir: str = ""                     # "" = <run_dir>/checkpoints
 
 
 @dataclass
@@ -85,7 +102,28 @@ class FaultSection:
     health: str = "auto"
     heartbeat_interval_s: float = 1.0
     dead_after_s: float = 3.0
-    spike_guard: bool = True
+    hang_after_s: float = 10.0        # no progress this long (at least; 3 x p99 step time) = hung
+    spike_guard: bool = True          # NaN/Inf and loss-spike guard (fault/guard.py)
+    spike_action: str = "rollback"    # rollback | stop | log
+    spike_z: float = 6.0              # robust z-score (EMA + MAD) above which a loss is a spike
+    spike_ema: float = 0.1            # weight of the newest loss in the loss trend
+    spike_history: int = 50           # recent steps whose residuals give the median / MAD
+    spike_min_history: int = 20       # steps before spikes are judged (NaN/Inf always are)
+    rollback_steps: int = 0           # roll back to a checkpoint at least this many steps before the anomaly
+    skip_batches: int = -1            # batches skipped after a rollback; -1: checkpoint..anomaly
+    max_rollbacks: int = 3            # rollbacks allowed within rollback_window steps, then stop
+    rollback_window: int = 1000
+
+
+@dataclass
+class HeteroSection:
+    # One job across device types (suanli.infra.hetero). [[hetero.groups]] tables: device,
+    # ranks (or nodes), tp, dp, stages, micro_batch, speed. [] = off (a homogeneous job).
+    groups: Any = field(default_factory=list)
+    layers: Any = field(default_factory=list)  # transformer layers per stage; [] = uniform or balanced
+    balance: str = "none"             # none | table | measure: layers and rows per device speed
+    bridge_compress: str = "none"     # none | bf16 | int8, for everything that crosses vendors
+    emulated: bool = False            # register the test accelerator "cpu-emulated" (never auto-selected)
 
 
 @dataclass
@@ -97,6 +135,7 @@ class JobConfig:
     comm: CommSection = field(default_factory=CommSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     fault: FaultSection = field(default_factory=FaultSection)
+    hetero: HeteroSection = field(default_factory=HeteroSection)
 
     def to_dict(self) -> dict:
         return {s.name: {_toml_key(k): v for k, v in asdict(getattr(self, s.name)).items() if v is not None}
@@ -207,9 +246,56 @@ def validate(cfg: JobConfig) -> None:
          f"parallel.activation_checkpoint: '{p.activation_checkpoint}' is not one of none, full, selective")
     need(p.pp_layers == "auto" or (isinstance(p.pp_layers, list) and all(isinstance(x, int) for x in p.pp_layers)),
          f"parallel.pp_layers: expected a list of layer counts per stage or \"auto\", got {p.pp_layers!r}")
-    need(cfg.comm.grad in ("fp32", "bf16", "int8", "powersgd"),
-         f"comm.grad: '{cfg.comm.grad}' is not one of fp32, bf16, int8, powersgd")
+    _validate_comm(cfg.comm, need)
+    _validate_hetero(cfg)
     need(cfg.data.synthetic or bool(cfg.data.path), "data.path: set a token file, or data.synthetic = true")
+    for k in ("every_steps", "keep_last", "keep_every"):
+        need(getattr(cfg.checkpoint, k) >= 0, f"checkpoint.{k}: must be >= 0")
+    if cfg.fault.spike_guard:
+        from suanli.fault.recovery import guard_config
+
+        try:
+            guard_config(cfg).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _validate_comm(c: CommSection, need) -> None:
+    codecs = ("fp32", "bf16", "fp16", "int8", "fp8")
+    need(c.grad in codecs + ("powersgd",), f"comm.grad: '{c.grad}' is not one of {', '.join(codecs)}, powersgd")
+    need(c.diloco_compress in codecs, f"comm.diloco_compress: '{c.diloco_compress}' is not one of {', '.join(codecs)}")
+    need(c.pp_compress in ("none", "bf16", "int8"), f"comm.pp_compress: '{c.pp_compress}' is not one of none, bf16, int8")
+    need(c.powersgd_rank >= 1, f"comm.powersgd_rank: must be >= 1, got {c.powersgd_rank}")
+    need(c.powersgd_warmup_steps >= 0, f"comm.powersgd_warmup_steps: must be >= 0, got {c.powersgd_warmup_steps}")
+    need(c.quant_block >= 8 and c.quant_block % 8 == 0,
+         f"comm.quant_block: must be a multiple of 8 and >= 8, got {c.quant_block}")
+    need(c.diloco_inner_steps >= 0, f"comm.diloco_inner_steps: must be >= 0 (0 = off), got {c.diloco_inner_steps}")
+    need(c.diloco_outer_lr > 0, f"comm.diloco_outer_lr: must be > 0, got {c.diloco_outer_lr}")
+    need(0 <= c.diloco_outer_momentum < 1, f"comm.diloco_outer_momentum: must be in [0, 1), got {c.diloco_outer_momentum}")
+    need(c.diloco_warmup_steps >= 0, f"comm.diloco_warmup_steps: must be >= 0, got {c.diloco_warmup_steps}")
+    need(c.diloco_streaming_fragments >= 1,
+         f"comm.diloco_streaming_fragments: must be >= 1, got {c.diloco_streaming_fragments}")
+    need(c.diloco_inner_steps == 0 or c.grad == "fp32",
+         f"comm.grad: '{c.grad}' compresses per-step gradient sync, which DiLoCo (comm.diloco_inner_steps="
+         f"{c.diloco_inner_steps}) replaces; set comm.grad = \"fp32\" and compress the outer step with comm.diloco_compress")
+    need(not (c.hierarchical and c.grad == "powersgd"),
+         "comm.hierarchical: PowerSGD's low-rank factors are already small; use comm.hierarchical = false with powersgd")
+    need(c.node_size >= 0, f"comm.node_size: must be >= 0 (0 = group ranks by hostname), got {c.node_size}")
+    need(isinstance(c.pp_compress_boundaries, list) and all(isinstance(b, int) and b >= 0
+                                                            for b in c.pp_compress_boundaries),
+         f"comm.pp_compress_boundaries: expected a list of stage indices (boundary b is between stages b and b+1), "
+         f"got {c.pp_compress_boundaries!r}")
+
+
+def _validate_hetero(cfg: JobConfig) -> None:
+    if not cfg.hetero.groups:
+        return
+    from suanli.infra.hetero.settings import check_config
+
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_config(cfg: JobConfig):
@@ -231,6 +317,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

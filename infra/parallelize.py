@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from suanli.infra.distributed import ParallelContext
 from suanli.infra.model import cross_entropy_loss
+from suanli.infra.optim import clip_grad_norm_
 from suanli.infra.pipeline import (Pipeline, build_pipeline, build_stage_module, layer_costs, split_layers,
                                    stage_ids_for_rank, stages_per_rank)
 from suanli.infra.tensor_parallel import apply_tp, check_tp_degree
@@ -36,10 +37,15 @@ class ParallelModel:
     data_parallel: str                # "none" | "fsdp" | "hsdp" | "ddp"
     tensor_parallel: bool
     stage_layers: list[int] = field(default_factory=list)
+    pp_group: object = None           # stages hold disjoint parameters: norms add up across it
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for m in self.modules:
             yield from m.parameters()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip by the whole model's gradient norm (all shards and stages); return it."""
+        return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group)
 
     def train(self, mode: bool = True) -> "ParallelModel":
         for m in self.modules:
@@ -132,7 +138,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, seq_len: int, n_micro
     if p.pp > 1:
         pipeline = build_pipeline(modules, stage_ids, n_stages, ctx.device, ctx.group("pp"), pp_schedule,
                                   n_microbatches, loss_fn, counts)
-    return ParallelModel(modules, pipeline, dp_kind, p.tp > 1, counts)
+    return ParallelModel(modules, pipeline, dp_kind, p.tp > 1, counts, ctx.group("pp") if p.pp > 1 else None)
 
 
 def uses_fsdp(module: nn.Module) -> bool:

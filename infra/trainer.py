@@ -2,8 +2,10 @@
 gradient sync → clip → optimizer → metrics.
 
 Checkpointing, heartbeats and guards plug in as plain callables (`Trainer.hooks`), so
-they never need to edit this loop. Rank 0 writes `metrics.jsonl` (one JSON object per
-step) and `summary.json` in the run directory.
+they never need to edit this loop. `fit` first resumes from the newest valid checkpoint
+in the run directory (fault/recovery.py: auto-resume, periodic async saves, loss-guard
+rollback). Rank 0 writes `metrics.jsonl` (one JSON object per step, appended across
+restarts) and `summary.json` in the run directory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from suanli.infra.config import JobConfig, model_config, to_toml
 from suanli.infra.data import DistributedBatchSampler, TokenDataset, make_batch, split_microbatches, synthetic_tokens
 from suanli.infra.distributed import ParallelConfig, ParallelContext, init
 from suanli.infra.model import Transformer, cross_entropy_loss
-from suanli.infra.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
+from suanli.infra.optim import build_lr_scheduler, build_optimizer
 from suanli.infra.parallelize import ParallelModel, parallelize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,7 +58,13 @@ class Trainer:
     def __init__(self, cfg: JobConfig, ctx: ParallelContext | None = None) -> None:
         self.cfg = cfg
         t, p = cfg.train, cfg.parallel
-        self.ctx = ctx or init(ParallelConfig(p.tp, p.pp, p.dp_replicate, p.dp_shard))
+        hetero = bool(cfg.hetero.groups)
+        if hetero:  # one job across device types: per-vendor groups joined by a host bridge
+            from suanli.infra.hetero import build_hetero
+
+            self.ctx, hetero_model = build_hetero(cfg)
+        else:
+            self.ctx = ctx or init(ParallelConfig(p.tp, p.pp, p.dp_replicate, p.dp_shard))
         self.acc = self.ctx.accelerator
         self.hooks = Hooks()
         self.step = 0
@@ -79,11 +87,14 @@ class Trainer:
         if t.seq_len > self.model_cfg.max_seq_len:
             raise ValueError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={self.model_cfg.max_seq_len}")
         torch.manual_seed(t.seed)
-        model = Transformer(self.model_cfg).to(self.ctx.device)
-        self.pmodel: ParallelModel = parallelize(
-            model, self.ctx, seq_len=t.seq_len, n_microbatches=self.n_micro, pp_schedule=p.pp_schedule,
-            pp_layers=p.pp_layers, pp_stages_per_rank=p.pp_stages_per_rank,
-            activation_checkpoint=p.activation_checkpoint, dtype=self.dtype)
+        if hetero:
+            self.pmodel = hetero_model
+        else:
+            model = Transformer(self.model_cfg).to(self.ctx.device)
+            self.pmodel: ParallelModel = parallelize(
+                model, self.ctx, seq_len=t.seq_len, n_microbatches=self.n_micro, pp_schedule=p.pp_schedule,
+                pp_layers=p.pp_layers, pp_stages_per_rank=p.pp_stages_per_rank,
+                activation_checkpoint=p.activation_checkpoint, dtype=self.dtype)
         self.params = list(self.pmodel.parameters())
         self.optimizer = build_optimizer(self.acc, self.params, t.lr, t.weight_decay)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -98,6 +109,11 @@ class Trainer:
 
         self.flops_per_token = model_flops_per_token(self.model_cfg, t.seq_len)
         self.peak_flops, self.peak_source = self._peak()
+
+        from suanli.fault.recovery import Recovery
+
+        # Checkpoints (resume, periodic async saves) and the loss guard, via self.hooks.
+        self.recovery = Recovery(self)
 
     # ---- setup helpers ----
     def _peak(self) -> tuple[float | None, str]:
@@ -138,8 +154,7 @@ class Trainer:
                     loss.backward()
                 local_loss += _plain(loss.detach()).float().cpu()
         self._phase("optimizer")
-        grad_norm = clip_grad_norm_(self.params, self.cfg.train.grad_clip,
-                                    self.ctx.group("pp") if self.ctx.parallel.pp > 1 else None)
+        grad_norm = self.pmodel.clip_grad_norm_(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +195,12 @@ class Trainer:
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        self.recovery.resume()
+        if self.step >= t.steps:
+            if self.is_logger:
+                print(f"run {self.run_dir} is complete: its newest valid checkpoint is step {self.step} of "
+                      f"{t.steps}; nothing to do (raise train.steps to train further)", flush=True)
+            return []
         self.pmodel.train()
         results = []
         progress = _Progress(t.steps, self.is_logger, self.peak_source)
@@ -210,7 +231,7 @@ class Trainer:
         for h in self.hooks.on_fit_end:
             h(self)
         if self.is_logger:
-            self.write_summary(results)
+            self.write_summary(results, **self.recovery.summary_fields())
         return results
 
     def _mfu(self, tokens_per_s_global: float) -> float | None:

@@ -4,6 +4,7 @@ What users import; everything else lives in suanli.backends / .infra / .fault / 
 """
 
 from suanli.backends import get_accelerator
+from suanli.fault.checkpoint import Checkpointer
 from suanli.infra.distributed import ParallelConfig, ParallelContext, init, shutdown
 from suanli.infra.model import ModelConfig, Transformer
 from suanli.infra.parallelize import parallelize
@@ -12,4 +13,4 @@ from suanli.infra.trainer import Trainer
 __version__ = "0.1.0"
 
 __all__ = ["get_accelerator", "init", "shutdown", "ParallelConfig", "ParallelContext", "ModelConfig", "Transformer",
-           "parallelize", "Trainer"]
+           "parallelize", "Trainer", "Checkpointer"]
