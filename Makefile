@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/suanli doctor
-	$(VENV)/bin/suanli train examples/tiny.toml --nproc 2 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/suanli train examples/demo.toml --launcher ray --workers 2 --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S) \
+		--inject-fault kill:rank=1:step=12 --inject-fault hang:rank=0:step=22
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -50,7 +50,7 @@ class TrainSection:
     dtype: str = "fp32"               # fp32 | bf16
     seed: int = 0
     run_dir: str = "runs/demo"
-    peak_tflops: float = 0.0          # 0: the HAL table; else the user's figure for MFU
+    peak_tflops: float = 0.0          # MFU denominator: 0 the HAL table, > 0 your figure, -1 measure (GEMM)
     log_every: int = 1
 
 

@@ -68,8 +68,6 @@ def run_train(args) -> int:
 
 
 def run_supervised(cfg, args) -> int:
-    import json
-
     from suanli.infra.cluster.supervisor import JobFailed, Supervisor
     from suanli.infra.faults import parse_fault
 
@@ -81,8 +79,23 @@ def run_supervised(cfg, args) -> int:
     except JobFailed as e:
         print(f"suanli train: job failed: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print_summary(summary, cfg.train.run_dir)
     return 0
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    """The end-of-job report a person reads: loss endpoints, speed, MFU, every recovery."""
+    mfu = summary.get("mfu")
+    print(f"\n== {run_dir}: {summary.get('steps')} steps on {summary.get('world_size')} workers, "
+          f"{summary.get('wall_s')} s wall ==")
+    print(f"loss {summary.get('first_loss', float('nan')):.4f} -> {summary.get('final_loss', float('nan')):.4f} | "
+          f"{summary.get('tokens_per_s', 0):,.0f} tokens/s | MFU "
+          + (f"{100 * mfu:.2f}% (peak: {summary.get('peak_source')})" if mfu is not None else "unknown (no peak)"))
+    for i, r in enumerate(summary.get("recoveries", []), 1):
+        print(f"recovery {i}: {r['failure']} on rank {r['rank']} | detected in {r['detection_s']} s | "
+              f"first step after restart {r['restart_s']} s later | resumed from step {r['resumed_from_step']}, "
+              f"{r['steps_lost']} step(s) recomputed")
+    print(f"details: {run_dir}/summary.json, events.jsonl, metrics.jsonl")
 
 
 def preflight(cfg, world_size: int) -> None:

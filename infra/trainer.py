@@ -40,6 +40,7 @@ class StepResult:
     step_time_s: float
     tokens_per_s: float    # global tokens (all data-parallel replicas) per second
     mfu: float | None      # None when the device's peak is unknown
+    comm_bytes: int = 0    # gradient-sync bytes this rank sent (low-bandwidth options count theirs)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -114,16 +115,39 @@ class Trainer:
 
         # Checkpoints (resume, periodic async saves) and the loss guard, via self.hooks.
         self.recovery = Recovery(self)
+        from suanli.infra.lowbw import CommOptions
+
+        self.comm, self.comm_bytes = CommOptions(), 0  # plain sync until fit() attaches [comm] options
 
     # ---- setup helpers ----
     def _peak(self) -> tuple[float | None, str]:
         t = self.cfg.train
         if t.peak_tflops > 0:
             return t.peak_tflops * 1e12, "user"
+        if t.peak_tflops < 0:
+            return self._measured_peak(), "measured"
         peak = self.acc.peak_flops(t.dtype)
         if peak is not None:
             return peak, f"table:{self.acc.device_name()}"
         return None, "unknown"
+
+    def _comm_options(self):
+        """Low-bandwidth gradient sync ([comm]); the heterogeneous layout has its own bridge codecs."""
+        from suanli.infra.lowbw import CommOptions, attach_comm_options
+
+        return CommOptions() if self.cfg.hetero.groups else attach_comm_options(self)
+
+    def _measured_peak(self) -> float:
+        """Dense GEMM peak measured on every rank at once (each sees the contention it will
+        train under), averaged over ranks so every rank reports the same MFU."""
+        from suanli.bench.peak import measure_peak, sizes_for
+
+        m = measure_peak(self.cfg.train.dtype, self.acc, sizes=sizes_for(self.acc, quick=True), min_time_s=0.05,
+                         trials=3, device=self.ctx.device)
+        flops = torch.tensor([m.flops], dtype=torch.float64)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flops)
+        return float(flops.item()) / self.ctx.world_size
 
     def _phase(self, name: str) -> None:
         for h in self.hooks.on_phase:
@@ -147,15 +171,18 @@ class Trainer:
         else:
             model = self.pmodel.modules[0]
             for i, (x, y) in enumerate(split_microbatches(inputs, targets, self.cfg.train.micro_batch)):
-                last = i == self.n_micro - 1
+                # comm options that compress or defer gradient sync do it themselves, after backward
+                last = i == self.n_micro - 1 and not self.comm.skip_builtin_sync
                 with self._grad_sync(model, last), tp_loss(), autocast:
                     loss = cross_entropy_loss(model(x), y) / self.n_micro
                     self._phase("backward")
                     loss.backward()
                 local_loss += _plain(loss.detach()).float().cpu()
+        self.comm_bytes = self.comm.after_backward(self.params)
         self._phase("optimizer")
         grad_norm = self.pmodel.clip_grad_norm_(self.cfg.train.grad_clip)
         self.optimizer.step()
+        self.comm_bytes += self.comm.after_optimizer_step(self.step + 1, self.params)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self._global_mean_loss(local_loss), grad_norm
@@ -196,6 +223,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
         self.recovery.resume()
+        self.comm = self._comm_options()  # after resume: DiLoCo continues its schedule from self.step
         if self.step >= t.steps:
             if self.is_logger:
                 print(f"run {self.run_dir} is complete: its newest valid checkpoint is step {self.step} of "
@@ -216,7 +244,7 @@ class Trainer:
                 dt = time.perf_counter() - start
                 self.step += 1
                 tps = t.global_batch * t.seq_len / dt
-                res = StepResult(self.step, loss, grad_norm, lr, dt, tps, self._mfu(tps))
+                res = StepResult(self.step, loss, grad_norm, lr, dt, tps, self._mfu(tps), self.comm_bytes)
                 results.append(res)
                 if metrics is not None:
                     metrics.write(json.dumps(res.as_dict()) + "\n")

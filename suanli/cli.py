@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "train": "suanli.infra.train_cli:add_train_parser",
     "data": "suanli.infra.train_cli:add_data_parser",
     "bench": "suanli.bench.cli:add_parser",
+    "plan": "suanli.infra.plan_cli:add_parser",
     "health": "suanli.fault.cli:add_health_parser",
     "ckpt": "suanli.fault.cli:add_ckpt_parser",
 }

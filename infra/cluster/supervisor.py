@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from suanli.backends import get_accelerator
 from suanli.infra.config import JobConfig, to_toml
-from suanli.infra.cluster.worker import RankWorker, TrainingError
+from suanli.infra.cluster.worker import RankWorker
 
 
 @dataclass
@@ -79,7 +79,6 @@ class Supervisor:
     health_addr: str | None = None        # a running daemon; None starts one
     policies: dict = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     poll_s: float = 0.2
-    hang_grace_s: float = 2.0             # time for suspects to write stack dumps before the kill
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.train.run_dir)
@@ -87,7 +86,10 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
         self.restarts: dict[str, int] = {k: 0 for k in self.policies}
         self._daemon = None
-        self._events_seen = 0
+        self.job = "".join(c if c.isalnum() or c in "._-" else "-" for c in self.run_dir.name)[:128] or "job"
+        from suanli.fault.proto import health_pb2
+
+        self._hung_kind = health_pb2.EVENT_HUNG
 
     # ---- cluster ----
     def _connect(self) -> None:
@@ -96,10 +98,16 @@ class Supervisor:
         if self.ray_address:
             ray.init(address=self.ray_address, logging_level="ERROR")
         else:
-            # The embedded default: a local cluster on loopback with one logical slot per worker.
+            # The embedded default: a local cluster with one logical slot per worker, kept on
+            # loopback. Ray otherwise swaps 127.0.0.1 for the machine's routable address; its
+            # single-machine mode (the one it uses on macOS) does not.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
             resources = {} if self.acc.ray_resource in (None, "CPU", "GPU") else {self.acc.ray_resource: self.workers}
             ray.init(num_cpus=max(self.workers, os.cpu_count() or 1), resources=resources or None,
-                     _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
+                     include_dashboard=False, logging_level="ERROR")
 
     def _bundle(self) -> dict:
         res = self.acc.ray_resource or "CPU"
@@ -125,22 +133,29 @@ class Supervisor:
 
     # ---- health daemon ----
     def _start_health(self) -> None:
+        """Start a daemon (the embedded default) unless the config names a running one or "off"."""
+        import queue
+
+        self._health_queue: queue.Queue = queue.Queue()
+        if self.cfg.fault.health == "off":
+            return
         if self.health_addr or self.cfg.fault.health not in ("auto", ""):
             self.health_addr = self.health_addr or self.cfg.fault.health
             return
-        try:
-            from suanli.fault.health.daemon import start_daemon
-        except ImportError:
-            return
-        self._daemon = start_daemon("127.0.0.1:0", str(self.run_dir / "health.db"),
-                                    dead_after_s=self.cfg.fault.dead_after_s)
+        from suanli.fault.health import DetectorConfig, start_daemon
+
+        f = self.cfg.fault
+        detectors = DetectorConfig(interval_s=f.heartbeat_interval_s, dead_after_s=f.dead_after_s,
+                                   hang_floor_s=f.hang_after_s)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._daemon = start_daemon("127.0.0.1:0", str(self.run_dir / "health.db"), detectors=detectors)
+        self._daemon.subscribe(self._health_queue.put)
         self.health_addr = self._daemon.address
 
-    def _health_events(self) -> list[dict]:
-        if self._daemon is None:
-            return []
-        events = self._daemon.events_since(self._events_seen)
-        self._events_seen += len(events)
+    def _health_events(self) -> list:
+        events = []
+        while not self._health_queue.empty():
+            events.append(self._health_queue.get_nowait())
         return events
 
     # ---- one attempt ----
@@ -181,7 +196,8 @@ class Supervisor:
         if self.acc.device_type != "cpu":
             env["SUANLI_DEVICE_INDEX"] = "0"
         if self.health_addr:
-            env["SUANLI_HEALTH_ADDR"] = self.health_addr
+            env.update(SUANLI_HEALTH_ADDR=self.health_addr, SUANLI_JOB=self.job,
+                       SUANLI_RUN_DIR=str(self.run_dir.resolve()))
         return env
 
     def _watch(self, actors: list, refs: list) -> Recovery | None:
@@ -202,9 +218,10 @@ class Supervisor:
                     tb = getattr(cause, "tb", None) or str(e)
                     return Recovery("user_exception", rank, tb, None, time.time(), step_before=self._last_step())
             for ev in self._health_events():
-                if ev.get("kind") == "hang":
-                    time.sleep(self.hang_grace_s)
-                    return Recovery("hang", ev.get("rank"), ev.get("detail", ""), ev.get("since"), time.time(),
+                # The daemon sends a hung event only after the suspects had time to dump
+                # their stacks, so the gang can be torn down at once.
+                if ev.job == self.job and ev.kind == self._hung_kind:
+                    return Recovery("hang", ev.rank, ev.message, self._fault_time(ev.rank), time.time(),
                                     step_before=self._last_step())
         return None
 
@@ -302,6 +319,16 @@ class Supervisor:
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary.update(restarts=sum(self.restarts.values()), wall_s=round(wall_s, 2),
                        recoveries=[r.as_summary() for r in self.recoveries], launcher="ray")
+        # The last attempt's trainer saw only its own steps; the job's endpoints and speed
+        # come from every attempt's lines in metrics.jsonl.
+        metrics = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if rows:
+            timed = rows[1:] or rows
+            summary.update(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"],
+                           tokens_per_s=sum(r["tokens_per_s"] for r in timed) / len(timed))
+            if all(r.get("mfu") is not None for r in timed):
+                summary["mfu"] = sum(r["mfu"] for r in timed) / len(timed)
         path.write_text(json.dumps(summary, indent=2))
         self._event("job_end", **{k: summary[k] for k in ("restarts", "wall_s")})
         return summary

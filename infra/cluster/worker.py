@@ -45,6 +45,8 @@ class RankWorker:
         os.unlink(f.name)
         trainer = Trainer(cfg)
         try:
+            # Faults first: a rank that dies or hangs at the end of a step never reports that
+            # step, like a rank that fails inside it.
             FaultInjector(faults_from_env(), trainer.run_dir, trainer.ctx.rank).attach(trainer)
             _attach_health(trainer)
             results = trainer.fit()
@@ -76,4 +78,5 @@ def _attach_health(trainer) -> None:
         return
     from suanli.fault.health.reporter import HeartbeatReporter
 
-    HeartbeatReporter.from_env(trainer).attach(trainer)
+    HeartbeatReporter(addr, interval_s=trainer.cfg.fault.heartbeat_interval_s,
+                      accelerator=trainer.acc).attach(trainer)

@@ -1,0 +1,626 @@
+"""Load benchmark for the health daemon: simulated ranks at 1 Hz against one daemon.
+
+    python -m suanli.bench.health_load --ranks 10000 --duration 60
+    python -m suanli.bench.health_load --sweep 2000,5000,10000 --out bench/results/health-load.md
+
+One daemon process (`suanli health serve`, default detectors: 1 s interval, 3 s dead
+timeout, sweeps every 0.5 s, journal every 1 s) and load-generator processes, each running
+many simulated ranks on grpc.aio. A simulated rank behaves like a real reporter: its own
+bidirectional Report stream, one heartbeat a second whose step and collective counter
+advance, step time, tokens/s, host metrics every 10th heartbeat. Ranks start spread over the
+ramp; the measurement window starts once all are up.
+
+Load generator: each simulated rank has its own HTTP/2 stream on one of `--channels`
+connections, as a real reporter has its own Report call. The default client (`--client h2`)
+is a small HTTP/2 framer written for this benchmark: it sends the same gRPC-framed bytes as
+grpc would, but all heartbeats due in the same 5 ms slot go out in one socket write, so the
+generator costs a few microseconds per heartbeat instead of grpc Python's ~100; on two
+shared cores that is the difference between measuring the daemon and measuring the load
+generator. `--client aio` uses grpc.aio (one call per rank) as a cross-check.
+
+What is measured:
+- report latency: every `--ack-every`-th heartbeat of each rank asks the daemon for an ack
+  (a uniform sample); latency = write -> ack, as the rank sees it, daemon queueing included.
+  This is the number judged against the target. Also shown: the daemon's own histogram of
+  heartbeat sent -> applied (every heartbeat, `suanli_health_report_delay_seconds`), as the
+  bound of the bucket holding its p99.
+- false events: every event except the killed rank's `dead`, over the whole run.
+- detection: in the middle of the window one rank stops and drops its stream abruptly;
+  detection = time of its dead event - time of the kill (same host clock).
+- generator lag: how late heartbeats left against their schedule, so an overloaded generator
+  is reported as such instead of being blamed on the daemon.
+- CPU and memory of the daemon and the generators (psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGET_P99_MS = 50.0
+DEAD_TIMEOUT_S = 3.0          # the daemon's default: 3 x 1 s interval
+INTERVAL_S = 1.0
+
+
+# ---------------------------------------------------------------- generator process
+@dataclass
+class GenResult:
+    latencies_ms: list = field(default_factory=list)
+    lag_ms: list = field(default_factory=list)
+    sent: int = 0
+    errors: int = 0
+    first_error: str = ""
+    killed_at: float = 0.0
+    cpu_s: float = 0.0
+
+
+class SimRank:
+    """One simulated rank: its heartbeat message and schedule."""
+
+    def __init__(self, rank: int, a, t0: float) -> None:
+        from suanli.fault.proto import health_pb2 as pb
+
+        rng = random.Random(rank)
+        self.rank, self.start = rank, t0 + rng.uniform(0, a.ramp)
+        self.next_t, self.seq = self.start, 0
+        self.kill_at = t0 + a.ramp + a.settle + a.duration / 2 if rank == a.kill_rank else None
+        step_time = 1.0 + rng.uniform(-0.03, 0.03)   # peers within 3%: no stragglers
+        self.hb = pb.Heartbeat(job=a.job, rank=rank, world_size=a.total, node=f"sim{rank // 8:05d}",
+                               pid=100_000 + rank, phase=pb.PHASE_FORWARD, step_time_s=step_time,
+                               tokens_per_s=4096 / step_time, run_dir="/sim")
+
+    def beat(self, now: float, ack: bool):
+        """Advance to the next heartbeat (step and collectives move; host metrics every 10th)."""
+        self.seq += 1
+        hb = self.hb
+        hb.seq, hb.step, hb.collectives, hb.sent_unix, hb.ack = self.seq, self.seq, 3 * self.seq, now, ack
+        if self.seq % 10 == 1:
+            hb.host.CopyFrom(HOST)
+        else:
+            hb.ClearField("host")
+        return hb
+
+
+def _host():
+    from suanli.fault.proto import health_pb2 as pb
+
+    return pb.HostMetrics(cpu_percent=12.5, memory_used_bytes=64 << 30, memory_total_bytes=512 << 30, disk_path="/",
+                          disk_free_bytes=900 << 30, disk_total_bytes=2 << 40, load1=3.0)
+
+
+HOST = None
+
+
+async def _rank_stream(stub, sim: SimRank, a, res: GenResult) -> None:
+    """per-rank mode: the rank has its own stream, as a real reporter does."""
+    from suanli.fault.proto import health_pb2 as pb
+
+    await asyncio.sleep(max(0.0, sim.start - time.time()))
+    call = None
+    while True:
+        now = time.time()
+        if now >= a.win1 + 1.0:
+            break
+        if sim.kill_at is not None and now >= sim.kill_at:
+            if call is not None:
+                call.cancel()   # like a killed process: no goodbye, the stream just drops
+            res.killed_at = time.time()
+            return
+        try:
+            if call is None:
+                call = stub.Report(metadata=a.metadata)
+            hb = sim.beat(now, (sim.seq + sim.rank) % a.ack_every == 0)
+            in_window = a.win0 <= now < a.win1
+            if in_window:
+                res.lag_ms.append((now - sim.next_t) * 1e3)
+            t = time.perf_counter()
+            await call.write(hb)
+            res.sent += 1
+            if hb.ack:
+                await call.read()
+                if in_window:
+                    res.latencies_ms.append((time.perf_counter() - t) * 1e3)
+        except Exception as e:  # a lost stream: count it, reopen
+            res.errors += 1
+            res.first_error = res.first_error or f"{type(e).__name__}: {e}"[:300]
+            call = None
+        sim.next_t += INTERVAL_S
+        await asyncio.sleep(max(0.0, sim.next_t - time.time()))
+    if call is not None:
+        sim.hb.phase, sim.hb.ack = pb.PHASE_DONE, False   # a clean finish: never reported dead
+        try:
+            await call.write(sim.hb)
+            await call.done_writing()
+        except Exception:
+            pass
+
+
+# ---- a raw HTTP/2 gRPC client: the load generator must not need more CPU than the daemon ----
+# grpc's Python client spends ~100 us of CPU per streamed message (a syscall and two thread
+# hand-offs each); on the same two cores as the daemon that would measure the generator.
+# This client opens one HTTP/2 stream per simulated rank, exactly as a reporter does, and
+# writes the same gRPC-framed Heartbeat bytes, but sends every heartbeat due in a 5 ms slot
+# with one socket write. The daemon cannot tell the difference.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+BIG_WINDOW = (1 << 31) - 1
+SLOT_S = 0.005   # heartbeats due within one slot share a socket write
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+
+def _literal(name: str, value: str) -> bytes:
+    """HPACK 'literal header field without indexing, new name' (no dynamic table, no Huffman)."""
+    n, v = name.encode(), value.encode()
+    assert len(n) < 127 and len(v) < 127
+    return b"\x00" + bytes((len(n),)) + n + bytes((len(v),)) + v
+
+
+class H2Client(asyncio.Protocol):
+    def __init__(self, sims: list[SimRank], a, res: GenResult) -> None:
+        self.sims, self.a, self.res = sims, a, res
+        self.buf = b""
+        self.streams: dict[int, SimRank] = {}
+        self.rx: dict[int, bytes] = {}
+        self.pending: dict[tuple[int, int], tuple[float, bool]] = {}
+        self.conn_window, self.stream_window_init = 65535, 65535
+        self.stream_window: dict[int, int] = {}
+        self.blocked: list[tuple[int, bytes]] = []
+        self.next_stream = 1
+        self.sid_of: dict[int, int] = {}
+        self.finishing = False
+        self.transport = None
+        self.headers = b"".join(_literal(k, v) for k, v in (
+            (":method", "POST"), (":scheme", "http"), (":path", "/suanli.health.v1.Health/Report"),
+            (":authority", a.addr), ("content-type", "application/grpc"), ("te", "trailers")))
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        settings = (0x2).to_bytes(2, "big") + (0).to_bytes(4, "big") + (0x4).to_bytes(2, "big") + BIG_WINDOW.to_bytes(4, "big")
+        transport.write(H2_PREFACE + _frame(SETTINGS, 0, 0, settings)
+                        + _frame(WINDOW_UPDATE, 0, 0, (BIG_WINDOW - 65535).to_bytes(4, "big")))
+
+    def error(self, what: str) -> None:
+        self.res.errors += 1
+        self.res.first_error = self.res.first_error or what
+
+    def connection_lost(self, exc) -> None:
+        if exc is not None:
+            self.error(f"connection lost: {exc}")
+
+    # ---- receiving ----
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n:
+                break
+            kind, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            payload, buf = buf[9:9 + n], buf[9 + n:]
+            if kind == DATA:
+                self._data(sid, payload)
+            elif kind == HEADERS and flags & END_STREAM and sid in self.streams and not self.finishing:
+                self.error(f"the daemon ended rank {self.streams[sid].rank}'s stream")
+            elif kind == SETTINGS and not flags & ACK:
+                for i in range(0, len(payload), 6):
+                    if int.from_bytes(payload[i:i + 2], "big") == 0x4:
+                        self.stream_window_init = int.from_bytes(payload[i + 2:i + 6], "big")
+                self.transport.write(_frame(SETTINGS, ACK, 0))
+            elif kind == PING and not flags & ACK:
+                self.transport.write(_frame(PING, ACK, 0, payload))
+            elif kind == WINDOW_UPDATE:
+                inc = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                if sid == 0:
+                    self.conn_window += inc
+                else:
+                    self.stream_window[sid] = self.stream_window.get(sid, self.stream_window_init) + inc
+                self.flush_blocked()
+            elif kind == RST_STREAM:
+                self.error(f"stream {sid} reset by the daemon (code {int.from_bytes(payload[:4], 'big')})")
+            elif kind == GOAWAY:
+                self.error(f"GOAWAY from the daemon: {payload[8:].decode(errors='replace')[:200]}")
+        self.buf = buf
+
+    def _data(self, sid: int, payload: bytes) -> None:
+        from suanli.fault.proto import health_pb2 as pb
+
+        buf = self.rx.get(sid, b"") + payload
+        while len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[1:5], "big"):
+            n = int.from_bytes(buf[1:5], "big")
+            reply = pb.ReportReply.FromString(buf[5:5 + n])
+            buf = buf[5 + n:]
+            t = self.pending.pop((sid, reply.seq), None)
+            if t is not None and t[1]:
+                self.res.latencies_ms.append((time.perf_counter() - t[0]) * 1e3)
+        self.rx[sid] = buf
+
+    # ---- sending ----
+    def send_data(self, sid: int, msg: bytes, flags: int = 0) -> bytes | None:
+        body = b"\x00" + len(msg).to_bytes(4, "big") + msg if msg or not flags else b""
+        window = self.stream_window.get(sid, self.stream_window_init)
+        if self.blocked or len(body) > self.conn_window or len(body) > window:
+            self.blocked.append((sid, _frame(DATA, flags, sid, body)))
+            return None
+        self.conn_window -= len(body)
+        self.stream_window[sid] = window - len(body)
+        return _frame(DATA, flags, sid, body)
+
+    def flush_blocked(self) -> None:
+        queued, self.blocked, out = self.blocked, [], []
+        for sid, frame in queued:
+            n = len(frame) - 9
+            window = self.stream_window.get(sid, self.stream_window_init)
+            if self.blocked or n > self.conn_window or n > window:
+                self.blocked.append((sid, frame))
+                continue
+            self.conn_window -= n
+            self.stream_window[sid] = window - n
+            out.append(frame)
+        if out:
+            self.transport.write(b"".join(out))
+
+    def beat(self, sim: SimRank, now: float, out: list) -> None:
+        """Queue this rank's next heartbeat (opening its stream first, or resetting it if
+        this is the rank the run kills)."""
+        a, res = self.a, self.res
+        sid = self.sid_of.get(sim.rank)
+        if sim.kill_at is not None and now >= sim.kill_at:
+            if sid is not None:   # CANCEL, as the kernel's RST ends a killed process's stream
+                out.append(_frame(RST_STREAM, 0, sid, (0x8).to_bytes(4, "big")))
+            res.killed_at = now
+            sim.next_t = float("inf")
+            return
+        if sid is None:
+            sid, self.next_stream = self.next_stream, self.next_stream + 2
+            self.sid_of[sim.rank] = sid
+            self.streams[sid] = sim
+            out.append(_frame(HEADERS, END_HEADERS, sid, self.headers))
+        hb = sim.beat(now, (sim.seq + sim.rank) % a.ack_every == 0)
+        in_window = a.win0 <= now < a.win1
+        if in_window:
+            res.lag_ms.append((now - sim.next_t) * 1e3)
+        if hb.ack:
+            self.pending[(sid, sim.seq)] = (time.perf_counter(), in_window)
+        frame = self.send_data(sid, hb.SerializeToString())
+        if frame is not None:
+            out.append(frame)
+        res.sent += 1
+        sim.next_t += INTERVAL_S
+
+    def finish(self) -> None:
+        from suanli.fault.proto import health_pb2 as pb
+
+        out, self.finishing = [], True
+        for sim in self.sims:   # a clean finish: never reported dead
+            sid = self.sid_of.get(sim.rank)
+            if sid is None or sim.kill_at is not None:
+                continue
+            sim.hb.phase, sim.hb.ack = pb.PHASE_DONE, False
+            for frame in (self.send_data(sid, sim.hb.SerializeToString()), self.send_data(sid, b"", END_STREAM)):
+                if frame is not None:
+                    out.append(frame)
+        self.transport.write(b"".join(out))
+
+
+async def _run_h2(conns: list[H2Client], a) -> None:
+    """One scheduler for every connection: wake each slot, send what is due, one write per
+    connection."""
+    due = [(sim.next_t, sim.rank, sim, c) for c in conns for sim in c.sims]
+    heapq.heapify(due)
+    while due:
+        await asyncio.sleep(SLOT_S)
+        now = time.time()
+        if now >= a.win1 + 1.0:
+            break
+        batches: dict[H2Client, list] = {}
+        while due and due[0][0] <= now:
+            _, rank, sim, c = heapq.heappop(due)
+            c.beat(sim, now, batches.setdefault(c, []))
+            if sim.next_t != float("inf"):
+                heapq.heappush(due, (sim.next_t, rank, sim, c))
+        for c, out in batches.items():
+            if out and not c.transport.is_closing():
+                c.transport.write(b"".join(out))
+    for c in conns:
+        c.finish()
+    for _ in range(200):   # let flow-control-blocked frames drain
+        if not any(c.blocked for c in conns):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    for c in conns:
+        c.transport.close()
+
+
+async def _generate(a) -> GenResult:
+    from suanli.fault.health.auth import call_metadata
+    from suanli.fault.health.client import make_channel
+    from suanli.fault.proto import health_pb2_grpc as pbg
+
+    global HOST
+    HOST = _host()
+    a.metadata = call_metadata(None)
+    channels = [make_channel(a.addr, aio=True) for _ in range(a.channels)] if a.client == "aio" else []
+    stubs = [pbg.HealthStub(c) for c in channels]
+    print("ready", flush=True)
+    t0 = float(sys.stdin.readline())
+    a.win0 = t0 + a.ramp + a.settle
+    a.win1 = a.win0 + a.duration
+    res = GenResult()
+    cpu = []
+
+    async def cpu_mark(at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        cpu.append(time.process_time())
+
+    marks = [asyncio.create_task(cpu_mark(a.win0)), asyncio.create_task(cpu_mark(a.win1))]
+    sims = [SimRank(r, a, t0) for r in range(a.first, a.first + a.count)]
+    if a.client == "aio":
+        await asyncio.gather(*(_rank_stream(stubs[i % len(stubs)], s, a, res) for i, s in enumerate(sims)))
+    else:
+        host, port = a.addr.rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        conns = []
+        for i in range(a.channels):
+            group = sims[i::a.channels]
+            if group:
+                _, proto = await loop.create_connection(lambda g=group: H2Client(g, a, res), host, int(port))
+                conns.append(proto)
+        await _run_h2(conns, a)
+    await asyncio.gather(*marks)
+    res.cpu_s = cpu[1] - cpu[0]
+    for c in channels:
+        await c.close()
+    return res
+
+
+def generator_main(a) -> None:
+    res = asyncio.run(_generate(a))
+    Path(a.result).write_text(json.dumps(res.__dict__))
+
+
+# ---------------------------------------------------------------- orchestration
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list, q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def _scrape(metrics_addr: str) -> tuple[float, dict[float, float]]:
+    """(heartbeats received, the report-delay histogram's cumulative buckets)."""
+    text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=30).read().decode()
+    reports, buckets = 0.0, {}
+    for line in text.splitlines():
+        if line.startswith("suanli_health_reports_total"):
+            reports = float(line.split()[-1])
+        elif line.startswith("suanli_health_report_delay_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[float(le)] = float(line.split()[-1])
+    return reports, buckets
+
+
+def _p99_bound_ms(b0: dict, b1: dict) -> float | None:
+    """Upper bound of the bucket holding the 99th percentile of the window's delays."""
+    delta = {le: b1[le] - b0.get(le, 0.0) for le in sorted(b1)}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return None
+    return next(le * 1e3 for le, n in delta.items() if n >= 0.99 * total)
+
+
+def run_once(ranks: int, a) -> dict:
+    import psutil
+
+    from suanli.fault.health.client import HealthClient, event_dict
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUANLI_ACCELERATOR": os.environ.get("SUANLI_ACCELERATOR", "cpu")}
+    tmp = Path(tempfile.mkdtemp(prefix="health-load-"))
+    port, mport = _free_port(), _free_port()
+    addr, maddr = f"127.0.0.1:{port}", f"127.0.0.1:{mport}"
+    daemon = subprocess.Popen([sys.executable, "-m", "suanli.cli", "health", "serve", "--bind", addr,
+                               "--metrics-bind", maddr, "--db", str(tmp / "health.db")],
+                              env=env, stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT)
+    gens: list[subprocess.Popen] = []
+    client = HealthClient(addr, timeout_s=60)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.status("none")
+                break
+            except RuntimeError:
+                if time.time() > deadline or daemon.poll() is not None:
+                    raise RuntimeError(f"daemon did not start; see {tmp / 'daemon.log'}")
+                time.sleep(0.2)
+        per = -(-ranks // a.clients)
+        kill_rank = ranks // 2
+        for g in range(a.clients):
+            first, count = g * per, min(per, ranks - g * per)
+            gens.append(subprocess.Popen(
+                [sys.executable, "-m", "suanli.bench.health_load", "--generator", "--addr", addr, "--job", "load",
+                 "--first", str(first), "--count", str(count), "--total", str(ranks), "--channels", str(a.channels),
+                 "--ack-every", str(a.ack_every), "--ramp", str(a.ramp), "--settle", str(a.settle),
+                 "--duration", str(a.duration), "--kill-rank", str(kill_rank), "--client", a.client,
+                 "--result", str(tmp / f"gen{g}.json")],
+                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for g in gens:
+            if g.stdout.readline().strip() != "ready":
+                raise RuntimeError("a load generator failed to start")
+        t0 = time.time() + 1.0
+        for g in gens:
+            g.stdin.write(f"{t0}\n")
+            g.stdin.flush()
+        events: list[dict] = []
+
+        def watch() -> None:
+            try:
+                for e in client.events(follow=True):
+                    events.append(event_dict(e))
+            except Exception:  # the channel closes at the end of the run
+                pass
+
+        threading.Thread(target=watch, daemon=True).start()
+        win0 = t0 + a.ramp + a.settle
+        time.sleep(max(0.0, win0 - time.time()))
+        dproc = psutil.Process(daemon.pid)
+        d_cpu0, (reports0, delay0), w0 = sum(dproc.cpu_times()[:2]), _scrape(maddr), time.time()
+        load0 = os.getloadavg()[0]
+        connected = sum(1 for m in client.status("load").members)
+        time.sleep(max(0.0, win0 + a.duration - time.time()))
+        d_cpu1, (reports1, delay1), w1 = sum(dproc.cpu_times()[:2]), _scrape(maddr), time.time()
+        rss = dproc.memory_info().rss
+        load1 = os.getloadavg()[0]
+        for g in gens:
+            g.wait(120)
+        time.sleep(DEAD_TIMEOUT_S + 1.0)   # late false `dead` events would show up now
+        states = [m.state for m in client.status("load").members]
+    finally:
+        client.close()
+        for p in gens + [daemon]:
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    results = [GenResult(**json.loads((tmp / f"gen{g}.json").read_text())) for g in range(len(gens))]
+    lat = [x for r in results for x in r.latencies_ms]
+    lag = [x for r in results for x in r.lag_ms]
+    killed_at = max(r.killed_at for r in results)
+    is_kill = lambda e: e["kind"] == "dead" and e["rank"] == kill_rank and killed_at and e["time"] >= killed_at
+    dead = [e for e in events if is_kill(e)][:1]
+    false = [e for e in events if e not in dead]
+    detect = dead[0]["time"] - killed_at if dead and killed_at else None
+    out = {
+        "ranks": ranks, "client": a.client, "connected_at_window_start": connected, "window_s": round(w1 - w0, 1),
+        "daemon_reports_per_s": round((reports1 - reports0) / (w1 - w0), 1),
+        "latency_samples": len(lat), "p50_ms": _pct(lat, 0.50), "p99_ms": _pct(lat, 0.99), "max_ms": max(lat, default=None),
+        "daemon_delay_p99_ms_at_most": _p99_bound_ms(delay0, delay1),
+        "generator_lag_p99_ms": _pct(lag, 0.99), "send_errors": sum(r.errors for r in results),
+        "first_send_error": next((r.first_error for r in results if r.first_error), ""),
+        "false_events": len(false), "false_event_examples": [e["message"] for e in false[:5]],
+        "killed_rank_dead_after_s": detect,
+        "daemon_cpu_pct": round(100 * (d_cpu1 - d_cpu0) / (w1 - w0), 1),
+        "generators_cpu_pct": round(100 * sum(r.cpu_s for r in results) / a.duration, 1),
+        "daemon_rss_mib": round(rss / 2**20), "loadavg_start_end": [round(load0, 2), round(load1, 2)],
+        "final_states": {s: states.count(s) for s in sorted(set(states))},
+    }
+    out["held"] = bool(out["p99_ms"] is not None and out["p99_ms"] < TARGET_P99_MS and out["false_events"] == 0
+                       and detect is not None and detect <= DEAD_TIMEOUT_S + 1.0 and out["connected_at_window_start"] == ranks)
+    if out["held"] and not out["send_errors"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        out["logs"] = str(tmp)   # the daemon's log stays for a look
+    return out
+
+
+# ---------------------------------------------------------------- report
+def machine() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "lscpu unavailable"
+    keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Hypervisor vendor")
+    return "; ".join(" ".join(l.split()) for l in text.splitlines() if l.split(":")[0].strip() in keep)
+
+
+def markdown(runs: list[dict], command: str) -> str:
+    import grpc
+    import psutil
+
+    held = [r["ranks"] for r in runs if r["held"]]
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+    lines = [
+        "# Health daemon load benchmark", "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- machine (lscpu): {machine()}; memory {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        f"- software: Python {sys.version.split()[0]}, grpcio {grpc.__version__}",
+        f"- command: `{command}`",
+        f"- targets: p99 report latency < {TARGET_P99_MS:g} ms, zero false events, killed rank dead within "
+        f"{DEAD_TIMEOUT_S:g} s timeout + 1 s",
+        f"- **largest rank count held: {max(held) if held else 'none of those tried'}**", "",
+        "| ranks | client | held | reports/s at daemon | p50 ms | p99 ms | max ms | samples | daemon-side p99 ms <= | false events | "
+        "dead detected after s | daemon CPU % | generators CPU % | daemon RSS MiB | gen lag p99 ms | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(f"| {r['ranks']} | {r['client']} | {'yes' if r['held'] else 'no'} | {r['daemon_reports_per_s']:.0f} | "
+                     f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {r['latency_samples']} | "
+                     f"{fmt(r['daemon_delay_p99_ms_at_most'], '{:g}')} | "
+                     f"{r['false_events']} | {fmt(r['killed_rank_dead_after_s'], '{:.2f}')} | {r['daemon_cpu_pct']} | "
+                     f"{r['generators_cpu_pct']} | {r['daemon_rss_mib']} | {fmt(r['generator_lag_p99_ms'])} | "
+                     f"{r['loadavg_start_end'][0]} -> {r['loadavg_start_end'][1]} |")
+    lines += ["", "Method: see the docstring of `bench/health_load.py`. Raw results:", "", "```json",
+              json.dumps(runs, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m suanli.bench.health_load", description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=10_000, help="simulated ranks (default %(default)s)")
+    ap.add_argument("--sweep", help="comma-separated rank counts to try, e.g. 2000,5000,10000")
+    ap.add_argument("--duration", type=float, default=60.0, help="measurement window, s (default %(default)s)")
+    ap.add_argument("--ramp", type=float, default=30.0, help="seconds over which ranks connect (default %(default)s)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds after the ramp before measuring (default %(default)s)")
+    ap.add_argument("--clients", type=int, default=1, help="load-generator processes (default %(default)s)")
+    ap.add_argument("--channels", type=int, default=64, help="gRPC channels per generator (default %(default)s)")
+    ap.add_argument("--ack-every", type=int, default=10, help="every Nth heartbeat of a rank is a latency probe")
+    ap.add_argument("--client", choices=["h2", "aio"], default="h2",
+                    help="h2: the built-in HTTP/2 gRPC client, cheap enough to share two cores with the daemon "
+                         "(default); aio: grpc.aio, one call per rank (costs the generator ~100 us per heartbeat)")
+    ap.add_argument("--out", help="write the Markdown report here (e.g. bench/results/health-load.md)")
+    # generator-process arguments (internal)
+    ap.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--addr", "--job", "--result"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
+    for name in ("--first", "--count", "--total", "--kill-rank"):
+        ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.generator:
+        generator_main(a)
+        return 0
+    if a.ack_every < 1 or a.channels < 1 or a.clients < 1:
+        raise SystemExit("--ack-every, --channels and --clients must be at least 1")
+    counts = [int(x) for x in a.sweep.split(",")] if a.sweep else [a.ranks]
+    runs = []
+    for n in counts:
+        r = run_once(n, a)
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    report = markdown(runs, "python -m suanli.bench.health_load " + " ".join(sys.argv[1:] if argv is None else argv))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(report)
+        print(f"wrote {a.out}")
+    else:
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
