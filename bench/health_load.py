@@ -443,7 +443,7 @@ def run_once(ranks: int, a) -> dict:
     port, mport = _free_port(), _free_port()
     addr, maddr = f"127.0.0.1:{port}", f"127.0.0.1:{mport}"
     daemon = subprocess.Popen([sys.executable, "-m", "suanli.cli", "health", "serve", "--bind", addr,
-                               "--metrics-bind", maddr, "--db", str(tmp / "health.db")],
+                               "--metrics-bind", maddr, "--db", str(tmp / "health.db"), *a.daemon_arg],
                               env=env, stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT)
     gens: list[subprocess.Popen] = []
     client = HealthClient(addr, timeout_s=60)
@@ -593,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["h2", "aio"], default="h2",
                     help="h2: the built-in HTTP/2 gRPC client, cheap enough to share two cores with the daemon "
                          "(default); aio: grpc.aio, one call per rank (costs the generator ~100 us per heartbeat)")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                    help="extra `suanli health serve` argument, e.g. --daemon-arg=--journal-interval=5 (repeatable)")
     ap.add_argument("--out", help="write the Markdown report here (e.g. bench/results/health-load.md)")
     # generator-process arguments (internal)
     ap.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)

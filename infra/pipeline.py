@@ -68,7 +68,7 @@ def split_layers(n_layers: int, n_stages: int, spec: list[int] | str, costs: tup
     if spec == "auto":
         if costs is None:
             raise ValueError("parallel.pp_layers: 'auto' needs the layer costs")
-        return _balanced_split(n_layers, n_stages, *costs)
+        return balanced_layers(n_layers, [1.0] * n_stages, costs)
     if not spec:
         base, extra = divmod(n_layers, n_stages)
         # The extra layers go to the middle stages: the first holds the embedding and the
@@ -88,31 +88,32 @@ def split_layers(n_layers: int, n_stages: int, spec: list[int] | str, costs: tup
     return list(spec)
 
 
-def _balanced_split(n_layers: int, n_stages: int, emb: float, layer: float, head: float) -> list[int]:
-    """Contiguous split minimising the slowest stage's cost (exact dynamic programme; the
-    sizes here are small: at most a few hundred layers by a few dozen stages)."""
-    def cost(stage: int, first_layer: int, n: int) -> float:
-        c = n * layer
-        if stage == 0:
-            c += emb
-        if stage == n_stages - 1:
-            c += head
-        return c
+def stage_work(stage: int, n_stages: int, layers: int, costs: tuple[float, float, float]) -> float:
+    """Forward work of a stage in units of one transformer layer (embedding on the first
+    stage, norm + head on the last)."""
+    emb, layer, head = costs
+    return layers + (emb / layer if stage == 0 else 0.0) + (head / layer if stage == n_stages - 1 else 0.0)
 
+
+def balanced_layers(n_layers: int, capacities: list[float], costs: tuple[float, float, float]) -> list[int]:
+    """Contiguous split of `n_layers` over stages minimising the slowest stage's
+    work / capacity (equal capacities for one device type; the heterogeneous balancer passes
+    each stage's measured speed). An exact dynamic programme: at most a few hundred layers by
+    a few dozen stages."""
+    n = len(capacities)
     inf = float("inf")
-    # best[s][i]: minimal max-cost placing layers i.. into stages s..
-    best = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
-    choice = [[0] * (n_layers + 1) for _ in range(n_stages + 1)]
-    best[n_stages][n_layers] = 0.0
-    for s in range(n_stages - 1, -1, -1):
+    # best[s][i]: the smallest achievable slowest-stage time placing layers i.. on stages s..
+    best = [[inf] * (n_layers + 1) for _ in range(n + 1)]
+    choice = [[0] * (n_layers + 1) for _ in range(n + 1)]
+    best[n][n_layers] = 0.0
+    for s in range(n - 1, -1, -1):
         for i in range(n_layers - 1, -1, -1):
-            remaining_stages = n_stages - s - 1
-            for n in range(1, n_layers - i - remaining_stages + 1):
-                v = max(cost(s, i, n), best[s + 1][i + n])
-                if v < best[s][i]:
-                    best[s][i], choice[s][i] = v, n
+            for k in range(1, n_layers - i - (n - s - 1) + 1):
+                v = max(stage_work(s, n, k, costs) / capacities[s], best[s + 1][i + k])
+                if v < best[s][i] - 1e-12:
+                    best[s][i], choice[s][i] = v, k
     counts, i = [], 0
-    for s in range(n_stages):
+    for s in range(n):
         counts.append(choice[s][i])
         i += choice[s][i]
     return counts

@@ -13,7 +13,7 @@ from suanli.infra.hetero.bridge import make_codec
 from suanli.infra.hetero.groups import group_specs, norm_partition
 from suanli.infra.hetero.layout import HeteroPlan, LayoutError, parse_groups, split_rows
 from suanli.infra.model import preset
-from suanli.infra.pipeline import _balanced_split, layer_costs
+from suanli.infra.pipeline import layer_costs, split_layers
 
 BASE = ["train.seq_len=64", "train.global_batch=8", "train.micro_batch=2", "hetero.emulated=true"]
 TWO = 'hetero.groups=[{device="cpu", ranks=[0,1], tp=2, stages=[0]}, {device="cpu-emulated", ranks=[2,3], stages=[1]}]'
@@ -183,7 +183,7 @@ def test_balancing_gives_a_slow_stage_fewer_layers():
     assert balanced_layers(4, [1.0, 0.5], costs) == [3, 1]
     assert balanced_layers(8, [0.5, 1.0], costs)[0] < 4
     # Equal capacities: the same split as the homogeneous "auto" planner.
-    assert balanced_layers(8, [1.0] * 4, costs) == _balanced_split(8, 4, *costs)
+    assert balanced_layers(8, [1.0] * 4, costs) == split_layers(8, 4, "auto", costs)
 
 
 def test_simulated_gpipe_bubble_matches_the_textbook_formula():

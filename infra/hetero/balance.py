@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from suanli.infra.hetero.layout import DeviceGroup, HeteroPlan, LayoutError
+from suanli.infra.pipeline import balanced_layers, stage_work  # noqa: F401  (re-exported for the planner)
 
 BALANCE_MODES = ("none", "table", "measure")
 
@@ -38,32 +39,6 @@ def compute_span(acc):
 
 def stage_capacity(groups: list[DeviceGroup], stage: int, replica_speed: dict[int, float]) -> float:
     return sum(g.dp * replica_speed[g.index] for g in groups if stage in g.stages)
-
-
-def stage_work(stage: int, n_stages: int, layers: int, costs: tuple[float, float, float]) -> float:
-    """Forward work of a stage in units of one transformer layer."""
-    emb, layer, head = costs
-    return layers + (emb / layer if stage == 0 else 0.0) + (head / layer if stage == n_stages - 1 else 0.0)
-
-
-def balanced_layers(n_layers: int, capacities: list[float], costs: tuple[float, float, float]) -> list[int]:
-    """Contiguous split of `n_layers` over stages minimising max(work / capacity)."""
-    n = len(capacities)
-    inf = float("inf")
-    best = [[inf] * (n_layers + 1) for _ in range(n + 1)]
-    choice = [[0] * (n_layers + 1) for _ in range(n + 1)]
-    best[n][n_layers] = 0.0
-    for s in range(n - 1, -1, -1):
-        for i in range(n_layers - 1, -1, -1):
-            for k in range(1, n_layers - i - (n - s - 1) + 1):
-                v = max(stage_work(s, n, k, costs) / capacities[s], best[s + 1][i + k])
-                if v < best[s][i] - 1e-12:
-                    best[s][i], choice[s][i] = v, k
-    counts, i = [], 0
-    for s in range(n):
-        counts.append(choice[s][i])
-        i += choice[s][i]
-    return counts
 
 
 def replica_speeds(groups: list[DeviceGroup], device_speed: dict[int, float]) -> dict[int, float]:
