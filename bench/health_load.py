@@ -1,14 +1,15 @@
 """Load benchmark for the health daemon: simulated ranks at 1 Hz against one daemon.
 
     python -m suanli.bench.health_load --ranks 10000 --duration 60
-    python -m suanli.bench.health_load --sweep 2000,5000,10000 --out bench/results/health-load.md
+    python -m suanli.bench.health_load --sweep 1000,2000,5000,10000 --out bench/results/health-load.md
+    python -m suanli.bench.health_load --server bare --sweep 2000,5000,10000 --out bench/results/health-load-control.md
 
-One daemon process (`suanli health serve`, default detectors: 1 s interval, 3 s dead
-timeout, sweeps every 0.5 s, journal every 1 s) and load-generator processes, each running
-many simulated ranks on grpc.aio. A simulated rank behaves like a real reporter: its own
-bidirectional Report stream, one heartbeat a second whose step and collective counter
-advance, step time, tokens/s, host metrics every 10th heartbeat. Ranks start spread over the
-ramp; the measurement window starts once all are up.
+One daemon process (`suanli health serve` with its defaults: 1 s interval, 3 s dead
+timeout, sweeps every 0.5 s, member snapshots every 2 s) and load-generator processes, each
+running many simulated ranks. A simulated rank behaves like a real reporter: its own
+Report stream, one heartbeat a second whose step and collective counter advance, step time,
+tokens/s, host metrics every 10th heartbeat. Ranks start spread over the ramp (30 s); the
+measurement window starts 10 s after it.
 
 Load generator: each simulated rank has its own HTTP/2 stream on one of `--channels`
 connections, as a real reporter has its own Report call. The default client (`--client h2`)
@@ -17,6 +18,10 @@ grpc would, but all heartbeats due in the same 5 ms slot go out in one socket wr
 generator costs a few microseconds per heartbeat instead of grpc Python's ~100; on two
 shared cores that is the difference between measuring the daemon and measuring the load
 generator. `--client aio` uses grpc.aio (one call per rank) as a cross-check.
+
+Control (`--server bare`): the same load against a grpc.aio server with the daemon's
+options that only stores each heartbeat. It separates what gRPC in Python costs from what
+the daemon adds.
 
 What is measured:
 - report latency: every `--ack-every`-th heartbeat of each rank asks the daemon for an ack
@@ -65,6 +70,7 @@ class GenResult:
     first_error: str = ""
     killed_at: float = 0.0
     cpu_s: float = 0.0
+    flow_blocked: int = 0     # heartbeats that waited for the daemon's HTTP/2 flow-control window
 
 
 class SimRank:
@@ -256,6 +262,7 @@ class H2Client(asyncio.Protocol):
         window = self.stream_window.get(sid, self.stream_window_init)
         if self.blocked or len(body) > self.conn_window or len(body) > window:
             self.blocked.append((sid, _frame(DATA, flags, sid, body)))
+            self.res.flow_blocked += 1
             return None
         self.conn_window -= len(body)
         self.stream_window[sid] = window - len(body)
@@ -390,6 +397,42 @@ async def _generate(a) -> GenResult:
     return res
 
 
+async def _bare_server(addr: str) -> None:
+    """The control experiment: grpc.aio with the daemon's options, doing nothing with a
+    heartbeat but keep it (and ack it when asked). What it cannot hold, no daemon can."""
+    import grpc
+
+    from suanli.fault.health.daemon import SERVER_OPTIONS
+    from suanli.fault.proto import health_pb2 as pb
+    from suanli.fault.proto import health_pb2_grpc as pbg
+
+    last: dict = {}
+
+    class Bare(pbg.HealthServicer):
+        async def Report(self, request_iterator, context):
+            async for hb in request_iterator:
+                last[(hb.job, hb.rank)] = hb
+                if hb.ack:
+                    yield pb.ReportReply(seq=hb.seq)
+
+        async def Status(self, request, context):
+            return pb.StatusReply(members=[pb.MemberStatus(job=h.job, rank=h.rank, step=h.step, state="ok")
+                                           for h in list(last.values()) if h.job == request.job])
+
+        async def Watch(self, request, context):
+            while request.follow:
+                await asyncio.sleep(3600)
+            return
+            yield  # an (empty) stream
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pbg.add_HealthServicer_to_server(Bare(), server)
+    server.add_insecure_port(addr)
+    await server.start()
+    print("serving", flush=True)
+    await server.wait_for_termination()
+
+
 def generator_main(a) -> None:
     res = asyncio.run(_generate(a))
     Path(a.result).write_text(json.dumps(res.__dict__))
@@ -442,9 +485,11 @@ def run_once(ranks: int, a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="health-load-"))
     port, mport = _free_port(), _free_port()
     addr, maddr = f"127.0.0.1:{port}", f"127.0.0.1:{mport}"
-    daemon = subprocess.Popen([sys.executable, "-m", "suanli.cli", "health", "serve", "--bind", addr,
-                               "--metrics-bind", maddr, "--db", str(tmp / "health.db"), *a.daemon_arg],
-                              env=env, stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT)
+    bare = a.server == "bare"
+    cmd = ([sys.executable, "-m", "suanli.bench.health_load", "--bare-server", addr] if bare else
+           [sys.executable, "-m", "suanli.cli", "health", "serve", "--bind", addr, "--metrics-bind", maddr,
+            "--db", str(tmp / "health.db"), *a.daemon_arg])
+    daemon = subprocess.Popen(cmd, env=env, stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT)
     gens: list[subprocess.Popen] = []
     client = HealthClient(addr, timeout_s=60)
     try:
@@ -488,11 +533,11 @@ def run_once(ranks: int, a) -> dict:
         win0 = t0 + a.ramp + a.settle
         time.sleep(max(0.0, win0 - time.time()))
         dproc = psutil.Process(daemon.pid)
-        d_cpu0, (reports0, delay0), w0 = sum(dproc.cpu_times()[:2]), _scrape(maddr), time.time()
+        d_cpu0, (reports0, delay0), w0 = sum(dproc.cpu_times()[:2]), _scrape(maddr) if not bare else (0, {}), time.time()
         load0 = os.getloadavg()[0]
         connected = sum(1 for m in client.status("load").members)
         time.sleep(max(0.0, win0 + a.duration - time.time()))
-        d_cpu1, (reports1, delay1), w1 = sum(dproc.cpu_times()[:2]), _scrape(maddr), time.time()
+        d_cpu1, (reports1, delay1), w1 = sum(dproc.cpu_times()[:2]), _scrape(maddr) if not bare else (0, {}), time.time()
         rss = dproc.memory_info().rss
         load1 = os.getloadavg()[0]
         for g in gens:
@@ -517,11 +562,13 @@ def run_once(ranks: int, a) -> dict:
     false = [e for e in events if e not in dead]
     detect = dead[0]["time"] - killed_at if dead and killed_at else None
     out = {
-        "ranks": ranks, "client": a.client, "connected_at_window_start": connected, "window_s": round(w1 - w0, 1),
-        "daemon_reports_per_s": round((reports1 - reports0) / (w1 - w0), 1),
+        "ranks": ranks, "server": a.server, "client": a.client, "connected_at_window_start": connected,
+        "window_s": round(w1 - w0, 1), "sent_per_s": round(len(lag) / a.duration, 1),
+        "daemon_reports_per_s": None if bare else round((reports1 - reports0) / (w1 - w0), 1),
         "latency_samples": len(lat), "p50_ms": _pct(lat, 0.50), "p99_ms": _pct(lat, 0.99), "max_ms": max(lat, default=None),
         "daemon_delay_p99_ms_at_most": _p99_bound_ms(delay0, delay1),
         "generator_lag_p99_ms": _pct(lag, 0.99), "send_errors": sum(r.errors for r in results),
+        "flow_blocked": sum(r.flow_blocked for r in results),
         "first_send_error": next((r.first_error for r in results if r.first_error), ""),
         "false_events": len(false), "false_event_examples": [e["message"] for e in false[:5]],
         "killed_rank_dead_after_s": detect,
@@ -530,8 +577,10 @@ def run_once(ranks: int, a) -> dict:
         "daemon_rss_mib": round(rss / 2**20), "loadavg_start_end": [round(load0, 2), round(load1, 2)],
         "final_states": {s: states.count(s) for s in sorted(set(states))},
     }
-    out["held"] = bool(out["p99_ms"] is not None and out["p99_ms"] < TARGET_P99_MS and out["false_events"] == 0
-                       and detect is not None and detect <= DEAD_TIMEOUT_S + 1.0 and out["connected_at_window_start"] == ranks)
+    fast = out["p99_ms"] is not None and out["p99_ms"] < TARGET_P99_MS and out["connected_at_window_start"] == ranks
+    # The control has no detectors: it can only show whether gRPC alone keeps the latency.
+    out["held"] = bool(fast and (bare or (out["false_events"] == 0 and detect is not None
+                                          and detect <= DEAD_TIMEOUT_S + 1.0)))
     if out["held"] and not out["send_errors"]:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -553,7 +602,7 @@ def markdown(runs: list[dict], command: str) -> str:
     import grpc
     import psutil
 
-    held = [r["ranks"] for r in runs if r["held"]]
+    held = [r["ranks"] for r in runs if r["held"] and r["server"] == "daemon"]
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
     lines = [
         "# Health daemon load benchmark", "",
@@ -564,12 +613,12 @@ def markdown(runs: list[dict], command: str) -> str:
         f"- targets: p99 report latency < {TARGET_P99_MS:g} ms, zero false events, killed rank dead within "
         f"{DEAD_TIMEOUT_S:g} s timeout + 1 s",
         f"- **largest rank count held: {max(held) if held else 'none of those tried'}**", "",
-        "| ranks | client | held | reports/s at daemon | p50 ms | p99 ms | max ms | samples | daemon-side p99 ms <= | false events | "
+        "| ranks | server | client | held | heartbeats/s | p50 ms | p99 ms | max ms | samples | daemon-side p99 ms <= | false events | "
         "dead detected after s | daemon CPU % | generators CPU % | daemon RSS MiB | gen lag p99 ms | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        lines.append(f"| {r['ranks']} | {r['client']} | {'yes' if r['held'] else 'no'} | {r['daemon_reports_per_s']:.0f} | "
+        lines.append(f"| {r['ranks']} | {r['server']} | {r['client']} | {'yes' if r['held'] else 'no'} | {r['sent_per_s']:.0f} | "
                      f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {r['latency_samples']} | "
                      f"{fmt(r['daemon_delay_p99_ms_at_most'], '{:g}')} | "
                      f"{r['false_events']} | {fmt(r['killed_rank_dead_after_s'], '{:.2f}')} | {r['daemon_cpu_pct']} | "
@@ -593,11 +642,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["h2", "aio"], default="h2",
                     help="h2: the built-in HTTP/2 gRPC client, cheap enough to share two cores with the daemon "
                          "(default); aio: grpc.aio, one call per rank (costs the generator ~100 us per heartbeat)")
+    ap.add_argument("--server", choices=["daemon", "bare"], default="daemon",
+                    help="daemon: `suanli health serve` (default); bare: the control, a grpc.aio server that only "
+                         "stores heartbeats (no detectors, journal or metrics)")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="extra `suanli health serve` argument, e.g. --daemon-arg=--journal-interval=5 (repeatable)")
     ap.add_argument("--out", help="write the Markdown report here (e.g. bench/results/health-load.md)")
     # generator-process arguments (internal)
     ap.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-server", metavar="ADDR", help=argparse.SUPPRESS)
     for name in ("--addr", "--job", "--result"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     for name in ("--first", "--count", "--total", "--kill-rank"):
@@ -605,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.generator:
         generator_main(a)
+        return 0
+    if a.bare_server:
+        asyncio.run(_bare_server(a.bare_server))
         return 0
     if a.ack_every < 1 or a.channels < 1 or a.clients < 1:
         raise SystemExit("--ack-every, --channels and --clients must be at least 1")

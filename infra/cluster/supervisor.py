@@ -93,6 +93,7 @@ class Supervisor:
 
     # ---- cluster ----
     def _connect(self) -> None:
+        self._owns_ray = False
         if ray.is_initialized():
             return
         if self.ray_address:
@@ -106,7 +107,9 @@ class Supervisor:
 
             ray_constants.ENABLE_RAY_CLUSTER = False
             resources = {} if self.acc.ray_resource in (None, "CPU", "GPU") else {self.acc.ray_resource: self.workers}
-            ray.init(num_cpus=max(self.workers, os.cpu_count() or 1), resources=resources or None,
+            # address="local": always a cluster of our own, never one some other job left running.
+            self._owns_ray = True
+            ray.init(address="local", num_cpus=max(self.workers, os.cpu_count() or 1), resources=resources or None,
                      include_dashboard=False, logging_level="ERROR")
 
     def _bundle(self) -> dict:
@@ -312,7 +315,10 @@ class Supervisor:
         finally:
             if self._daemon is not None:
                 self._daemon.stop()
-        return self._summary(time.time() - start)
+        summary = self._summary(time.time() - start)
+        if self._owns_ray:
+            ray.shutdown()
+        return summary
 
     def _summary(self, wall_s: float) -> dict:
         path = self.run_dir / "summary.json"

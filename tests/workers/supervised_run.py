@@ -41,3 +41,9 @@ try:
     print("SUMMARY " + json.dumps(summary), flush=True)
 except JobFailed as e:
     print("JOBFAILED " + json.dumps(str(e)), flush=True)
+finally:
+    import ray
+
+    ray.shutdown()
+    if elastic:
+        cluster.shutdown()
