@@ -9,7 +9,14 @@ Failure classes and what they get (each with its own budget and backoff):
                            only repeat the bug
   diverging                handled inside the job by the spike guard's rollback; counted here
 Elastic: tp × pp is kept and the data-parallel degree follows the accelerators available;
-the global batch is kept by gradient accumulation (the trainer derives it from dp).
+the global batch is kept by gradient accumulation (the trainer derives it from dp). When
+capacity comes back, the job grows again right after the next checkpoint commits.
+
+Warm restarts: the gang of actors outlives attempts (each actor forks its rank from a
+pre-imported zygote), so after a rank's process dies or hangs only the ranks' processes are
+replaced. A new gang is placed only when an actor or node is gone or the world size changes.
+Each attempt reports to the health daemon under its own job name (<job>-a<N>), so the
+silence of a torn-down attempt is never taken for a failure of the next one.
 """
 
 from __future__ import annotations
@@ -21,13 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError,
+                            WorkerCrashedError)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from suanli.backends import get_accelerator
 from suanli.infra.config import JobConfig, to_toml
-from suanli.infra.cluster.worker import RankWorker
+from suanli.infra.cluster.worker import RankProcessDied, RankWorker, TrainingError
+from suanli.fault.checkpoint.manifest import read_latest
+
+ACTOR_GONE = (ActorDiedError, WorkerCrashedError, ActorUnavailableError, RayActorError)
+# After the first rank fails, how long to collect the others' outcomes before judging: a
+# killed rank's peers fail in their next collective within milliseconds, and the cause must
+# be told from its consequences.
+GRACE_S = 1.0
+STOP_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -71,6 +87,30 @@ class JobFailed(RuntimeError):
 
 
 @dataclass
+class Gang:
+    actors: list        # one RankWorker per rank, rank order
+    ips: list[str]      # each actor's node address
+    pg: object          # the placement group holding their bundles
+
+
+class HeartbeatLost(RuntimeError):
+    """The health daemon stopped hearing from a rank (its `dead` event)."""
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a rank raised, out of Ray's wrapper."""
+    return getattr(e, "cause", None) or e if isinstance(e, RayTaskError) else e
+
+
+def _ready(pg) -> bool:
+    try:
+        ray.get(pg.ready(), timeout=0)
+        return True
+    except GetTimeoutError:
+        return False
+
+
+@dataclass
 class Supervisor:
     cfg: JobConfig
     workers: int
@@ -86,10 +126,12 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
         self.restarts: dict[str, int] = {k: 0 for k in self.policies}
         self._daemon = None
-        self.job = "".join(c if c.isalnum() or c in "._-" else "-" for c in self.run_dir.name)[:128] or "job"
+        # room for the attempt suffix within the daemon's 128-character job names
+        self.job = "".join(c if c.isalnum() or c in "._-" else "-" for c in self.run_dir.name)[:120] or "job"
+        self.initial_world = 0
         from suanli.fault.proto import health_pb2
 
-        self._hung_kind = health_pb2.EVENT_HUNG
+        self._hung_kind, self._dead_kind = health_pb2.EVENT_HUNG, health_pb2.EVENT_DEAD
 
     # ---- cluster ----
     def _connect(self) -> None:
@@ -161,23 +203,52 @@ class Supervisor:
             events.append(self._health_queue.get_nowait())
         return events
 
-    # ---- one attempt ----
-    def _launch(self, world: int) -> tuple[list, list, object]:
-        pg = placement_group([self._bundle() for _ in range(world)], strategy="PACK")
-        ray.get(pg.ready(), timeout=120)
-        actors = [RankWorker.options(num_cpus=1, resources={k: v for k, v in self._bundle().items() if k != "CPU"},
-                                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
-                  for i in range(world)]
-        ips = ray.get([a.node_ip.remote() for a in actors])
-        port = ray.get(actors[0].reserve_port.remote())
+    # ---- the gang (outlives attempts) ----
+    def _place(self, world: int) -> Gang:
+        """Reserve `world` bundles and start one actor in each. If capacity drops while the
+        reservation waits (a node that died is not yet marked dead), start over smaller."""
+        deadline = time.time() + 300
+        while True:
+            pg = placement_group([self._bundle() for _ in range(world)], strategy="PACK")
+            while time.time() < deadline:
+                try:
+                    ray.get(pg.ready(), timeout=5)
+                    break
+                except GetTimeoutError:
+                    if self._world_size() != world:
+                        break
+            else:
+                remove_placement_group(pg)
+                raise JobFailed(f"could not place {world} worker(s) in 300 s (cluster: {self.capacity()} slot(s))")
+            if self._world_size() != world or not _ready(pg):
+                remove_placement_group(pg)
+                world = self._world_size()
+                continue
+            actors = [RankWorker.options(num_cpus=1, resources={k: v for k, v in self._bundle().items() if k != "CPU"},
+                                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
+                      for i in range(world)]
+            return Gang(actors, ray.get([a.node_ip.remote() for a in actors]), pg)
+
+    def _start_attempt(self, gang: Gang, attempt: int) -> list:
+        port = ray.get(gang.actors[0].reserve_port.remote())
+        world = len(gang.actors)
+        cfg = to_toml(self._effective_cfg(world))
         local_index: dict[str, int] = {}
-        cfg = self._effective_cfg(world)
         refs = []
-        for rank, (actor, ip) in enumerate(zip(actors, ips)):
+        for rank, (actor, ip) in enumerate(zip(gang.actors, gang.ips)):
             local = local_index.get(ip, 0)
             local_index[ip] = local + 1
-            refs.append(actor.run.remote(to_toml(cfg), self._rank_env(rank, world, local, ips[0], port)))
-        return actors, refs, pg
+            refs.append(actor.run.remote(cfg, self._rank_env(rank, world, local, gang.ips[0], port, attempt)))
+        return refs
+
+    def _stop_attempt(self, gang: Gang) -> bool:
+        """End every rank's process; True when every actor is still there to run the next attempt."""
+        stops = [a.stop.remote() for a in gang.actors]
+        try:
+            ray.get(stops, timeout=STOP_TIMEOUT_S)
+            return True
+        except (GetTimeoutError, *ACTOR_GONE):
+            return False
 
     def _effective_cfg(self, world: int) -> JobConfig:
         import copy
@@ -187,7 +258,11 @@ class Supervisor:
         p.dp_shard = world // (p.tp * p.pp * p.dp_replicate)
         return cfg
 
-    def _rank_env(self, rank: int, world: int, local_rank: int, master: str, port: int) -> dict[str, str]:
+    def _attempt_job(self, attempt: int) -> str:
+        return f"{self.job}-a{attempt}"
+
+    def _rank_env(self, rank: int, world: int, local_rank: int, master: str, port: int,
+                  attempt: int) -> dict[str, str]:
         env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
                "MASTER_ADDR": master, "MASTER_PORT": str(port), "SUANLI_ACCELERATOR": self.acc.name,
                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "PYTHONUNBUFFERED": "1",
@@ -199,34 +274,70 @@ class Supervisor:
         if self.acc.device_type != "cpu":
             env["SUANLI_DEVICE_INDEX"] = "0"
         if self.health_addr:
-            env.update(SUANLI_HEALTH_ADDR=self.health_addr, SUANLI_JOB=self.job,
+            env.update(SUANLI_HEALTH_ADDR=self.health_addr, SUANLI_JOB=self._attempt_job(attempt),
                        SUANLI_RUN_DIR=str(self.run_dir.resolve()))
         return env
 
-    def _watch(self, actors: list, refs: list) -> Recovery | None:
-        """Wait for the gang to finish; return the first failure, classified."""
-        pending = list(refs)
+    # ---- watching one attempt ----
+    def _watch(self, gang: Gang, refs: list, attempt: int) -> Recovery | None:
+        """Wait for the attempt to finish; return the first failure, classified, or a planned
+        grow once capacity is back and a checkpoint has committed."""
+        pending, outcomes, first_error = list(refs), {}, None
+        job, grow_mark, next_capacity_check = self._attempt_job(attempt), None, 0.0
         while pending:
-            done, pending = ray.wait(pending, timeout=self.poll_s)
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
             for ref in done:
                 rank = refs.index(ref)
                 try:
                     ray.get(ref)
-                except (ActorDiedError, WorkerCrashedError, ActorUnavailableError, RayActorError) as e:
-                    kind = "node_lost" if self._node_of_actor_dead(actors[rank]) else "worker_lost"
-                    return Recovery(kind, rank, type(e).__name__, self._fault_time(rank), time.time(),
-                                    step_before=self._last_step())
-                except RayTaskError as e:
-                    cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-                    tb = getattr(cause, "tb", None) or str(e)
-                    return Recovery("user_exception", rank, tb, None, time.time(), step_before=self._last_step())
+                except Exception as e:  # noqa: BLE001 - every way a rank ends is classified below
+                    outcomes[rank] = e
+                    first_error = first_error or time.time()
             for ev in self._health_events():
-                # The daemon sends a hung event only after the suspects had time to dump
-                # their stacks, so the gang can be torn down at once.
-                if ev.job == self.job and ev.kind == self._hung_kind:
+                if ev.job != job:
+                    continue  # an earlier attempt's ranks going silent after their teardown
+                if ev.kind == self._hung_kind:
+                    # The daemon sends a hung event only after the suspects had time to dump
+                    # their stacks, so the gang can be torn down at once.
                     return Recovery("hang", ev.rank, ev.message, self._fault_time(ev.rank), time.time(),
                                     step_before=self._last_step())
+                if ev.kind == self._dead_kind and ev.rank >= 0:
+                    outcomes.setdefault(ev.rank, HeartbeatLost(ev.message))
+                    first_error = first_error or time.time()
+            if first_error is not None and (not pending or time.time() - first_error >= GRACE_S):
+                return self._classify(gang, outcomes)
+            if len(gang.actors) < self.initial_world and time.time() >= next_capacity_check:
+                next_capacity_check = time.time() + 1.0
+                if grow_mark is None and self._world_size() > len(gang.actors):
+                    grow_mark = read_latest(self._ckpt_dir()) or ""
+                elif grow_mark is not None and (read_latest(self._ckpt_dir()) or "") != grow_mark:
+                    return Recovery("grow", None, f"capacity for {self._world_size()} worker(s) is back",
+                                    None, time.time(), step_before=self._last_step())
         return None
+
+    def _classify(self, gang: Gang, outcomes: dict) -> Recovery:
+        """The cause among the outcomes, not its consequences: a gone actor or a killed
+        process before a user's exception, and that before the broken collectives of the
+        peers that were left waiting."""
+        step, now = self._last_step(), time.time()
+        for rank, e in sorted(outcomes.items()):
+            if isinstance(e, ACTOR_GONE):
+                kind = "node_lost" if self._node_of_actor_dead(gang.actors[rank]) else "worker_lost"
+                return Recovery(kind, rank, type(e).__name__, self._fault_time(rank), now, step_before=step)
+        causes = {rank: _cause(e) for rank, e in outcomes.items()}
+        for rank, c in sorted(causes.items()):
+            if isinstance(c, RankProcessDied):
+                return Recovery("worker_lost", rank, str(c), self._fault_time(rank), now, step_before=step)
+        for rank, c in sorted(causes.items()):
+            if isinstance(c, TrainingError) and not c.comm_failure:
+                return Recovery("user_exception", rank, c.tb, None, now, step_before=step)
+            if not isinstance(c, (TrainingError, HeartbeatLost)):
+                return Recovery("user_exception", rank, f"{type(c).__name__}: {c}", None, now, step_before=step)
+        # Only broken collectives and silent ranks: someone went away without a word we
+        # have seen yet (e.g. Ray is slow to report a dead actor). Name the silent one.
+        silent = [r for r, c in sorted(causes.items()) if isinstance(c, HeartbeatLost)]
+        rank = silent[0] if silent else min(causes)
+        return Recovery("worker_lost", rank, str(causes[rank])[-2000:], self._fault_time(rank), now, step_before=step)
 
     def _node_of_actor_dead(self, actor) -> bool:
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -238,27 +349,33 @@ class Supervisor:
         except Exception:
             return False
 
-    def _fault_time(self, rank: int) -> float | None:
+    def _fault_time(self, rank: int | None) -> float | None:
         """Injected faults leave a marker with the moment they fired; real ones don't."""
-        markers = list((self.run_dir / "faults").glob(f"*-r{rank}")) if (self.run_dir / "faults").exists() else []
+        if rank is None or not (self.run_dir / "faults").exists():
+            return None
+        markers = list((self.run_dir / "faults").glob(f"*-r{rank}"))
         times = [float(m.read_text().split()[0]) for m in markers if m.read_text().strip()]
         return max(times) if times else None
 
-    def _last_step(self) -> int:
+    def _ckpt_dir(self) -> Path:
+        return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def _metrics_lines(self) -> list[str]:
         path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return 0
-        lines = path.read_text().splitlines()
+        return path.read_text().splitlines() if path.exists() else []
+
+    def _last_step(self) -> int:
+        lines = self._metrics_lines()
         return json.loads(lines[-1])["step"] if lines else 0
 
-    def _teardown(self, actors: list, pg) -> None:
-        for a in actors:
+    def _teardown(self, gang: Gang) -> None:
+        for a in gang.actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
         try:
-            remove_placement_group(pg)
+            remove_placement_group(gang.pg)
         except Exception:
             pass
 
@@ -267,18 +384,16 @@ class Supervisor:
         with open(self.run_dir / "events.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), "kind": kind, "source": "supervisor", **fields}) + "\n")
 
-    def _await_first_step(self, rec: Recovery, metrics_lines_before: int, actors, refs) -> None:
+    def _await_first_step(self, rec: Recovery, metrics_lines_before: int, refs) -> None:
         """Note when the restarted gang completes its first step (the end of the outage)."""
-        path = self.run_dir / "metrics.jsonl"
         while True:
-            if path.exists():
-                lines = path.read_text().splitlines()
-                if len(lines) > metrics_lines_before:
-                    first = json.loads(lines[metrics_lines_before])
-                    rec.first_step_time = time.time()
-                    rec.resumed_from = first["step"] - 1
-                    return
-            done, _ = ray.wait(refs, timeout=0.1)
+            lines = self._metrics_lines()
+            if len(lines) > metrics_lines_before:
+                first = json.loads(lines[metrics_lines_before])
+                rec.first_step_time = time.time()
+                rec.resumed_from = first["step"] - 1
+                return
+            done, _ = ray.wait(refs, timeout=0.05)
             if done:
                 return
 
@@ -288,22 +403,31 @@ class Supervisor:
         self._start_health()
         start = time.time()
         self._event("job_start", workers=self.workers, faults=self.faults)
+        gang, attempt = None, 0
         try:
+            self.initial_world = self._world_size()
             while True:
                 world = self._world_size()
-                actors, refs, pg = self._launch(world)
+                if gang is None:
+                    gang = self._place(world)
+                refs = self._start_attempt(gang, attempt)
                 if self.recoveries and self.recoveries[-1].restarted_time is None:
                     rec = self.recoveries[-1]
-                    rec.restarted_time, rec.world_size_after = time.time(), world
-                    n_before = len((self.run_dir / "metrics.jsonl").read_text().splitlines()) \
-                        if (self.run_dir / "metrics.jsonl").exists() else 0
-                    self._await_first_step(rec, n_before, actors, refs)
+                    rec.restarted_time, rec.world_size_after = time.time(), len(gang.actors)
+                    self._await_first_step(rec, len(self._metrics_lines()), refs)
                     self._event("recovered", **rec.as_summary())
-                failure = self._watch(actors, refs)
-                self._teardown(actors, pg)
+                failure = self._watch(gang, refs, attempt)
                 if failure is None:
                     break
                 self._event("failure", failure=failure.failure, rank=failure.rank, detail=failure.detail[-2000:])
+                # Keep the gang when every actor is alive and the world size stays.
+                if not self._stop_attempt(gang) or failure.failure == "grow" or self._world_size() != len(gang.actors):
+                    self._teardown(gang)
+                    gang = None
+                attempt += 1
+                if failure.failure == "grow":
+                    self.recoveries.append(failure)
+                    continue
                 policy = self.policies[failure.failure]
                 if failure.failure == "user_exception" or self.restarts[failure.failure] >= policy.max_restarts:
                     raise JobFailed(f"{failure.failure} on rank {failure.rank}"
@@ -311,8 +435,13 @@ class Supervisor:
                                     + f":\n{failure.detail}")
                 self.restarts[failure.failure] += 1
                 self.recoveries.append(failure)
-                time.sleep(policy.backoff_s * self.restarts[failure.failure])
+                # The first restart of a kind is immediate; repeats back off (a crash loop
+                # should not hammer the cluster, a single fault should not cost seconds).
+                time.sleep(policy.backoff_s * (self.restarts[failure.failure] - 1))
         finally:
+            if gang is not None:
+                self._stop_attempt(gang)
+                self._teardown(gang)
             if self._daemon is not None:
                 self._daemon.stop()
         summary = self._summary(time.time() - start)

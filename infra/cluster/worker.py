@@ -1,23 +1,38 @@
-"""The Ray actor that runs one training rank.
+"""The Ray actor that holds one training rank's place in the gang.
 
-One actor per accelerator, placed by the supervisor's placement group. The actor sets the
-rendezvous env (torchrun's variables) and the vendor's visible-devices variable itself,
-then runs the ordinary Trainer: the same code path as `suanli train --nproc N`.
+One actor per accelerator, placed by the supervisor's placement group. The actor outlives
+attempts: it starts a zygote (infra/cluster/zygote.py) when created, and each attempt of
+the job is a fork of it, with the rendezvous env (torchrun's variables) and the vendor's
+visible-devices variable set by the supervisor. A restart after a rank's process dies or
+hangs therefore reuses the gang: no new actors, no interpreter start, no `import torch`.
+
+How failures surface at the supervisor:
+  the rank's process was killed (SIGKILL, OOM killer)  -> RankProcessDied (a task error)
+  an exception in training code                        -> TrainingError, .comm_failure set
+                                                          when it is a broken collective
+  the actor itself (or its node) died                  -> Ray's ActorDiedError
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
-import traceback
+import tempfile
 
 import ray
 
+from suanli.infra.cluster.zygote import Zygote
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+
+@ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)
 class RankWorker:
-    """Remote methods are called by the supervisor; a SIGKILL of this process surfaces there
-    as an ActorDiedError, an exception in training code as a RayTaskError."""
+    """`run` blocks for an attempt; `stop` (from another call) ends it. Threaded, so both
+    can be in flight at once."""
+
+    def __init__(self) -> None:
+        self._zygote = Zygote()
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -31,52 +46,50 @@ class RankWorker:
             return s.getsockname()[1]
 
     def run(self, cfg_toml: str, env: dict[str, str]) -> dict:
-        os.environ.update(env)
-        import tempfile
-
-        from suanli.infra.config import load_config
-        from suanli.infra.distributed import shutdown
-        from suanli.infra.faults import FaultInjector, faults_from_env
-        from suanli.infra.trainer import Trainer
-
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-            f.write(cfg_toml)
-        cfg = load_config(f.name)
-        os.unlink(f.name)
-        trainer = Trainer(cfg)
+        fd, result_path = tempfile.mkstemp(prefix="suanli-rank-", suffix=".json")
+        os.close(fd)
+        os.unlink(result_path)
+        rank = int(env.get("RANK", "0"))
         try:
-            # Faults first: a rank that dies or hangs at the end of a step never reports that
-            # step, like a rank that fails inside it.
-            FaultInjector(faults_from_env(), trainer.run_dir, trainer.ctx.rank).attach(trainer)
-            _attach_health(trainer)
-            results = trainer.fit()
-            return {"rank": trainer.ctx.rank, "steps": trainer.step,
-                    "final_loss": results[-1].loss if results else None}
-        except Exception as e:
-            # Keep the rank's own traceback: the supervisor shows it to a person.
-            raise TrainingError(trainer.ctx.rank, "".join(traceback.format_exception(e))) from None
+            code = self._zygote.run(cfg_toml, env, result_path)
+            outcome = json.loads(open(result_path).read()) if os.path.exists(result_path) else {}
         finally:
-            shutdown()
+            for p in (result_path, result_path + ".tmp"):
+                if os.path.exists(p):
+                    os.unlink(p)
+        if code == 0:
+            return outcome
+        if "error" in outcome:
+            raise TrainingError(outcome.get("rank", rank), outcome["error"], outcome.get("comm_failure", False))
+        raise RankProcessDied(rank, code)
+
+    def stop(self) -> None:
+        """End the running attempt, if any (SIGKILL: it may be stuck in a collective)."""
+        self._zygote.stop()
+
+    def close(self) -> None:
+        self._zygote.close()
 
 
 class TrainingError(RuntimeError):
-    """An exception raised by training code on one rank (a user error: no restart)."""
+    """An exception raised by training code on one rank. `comm_failure`: it is a broken
+    collective, i.e. most likely the consequence of a failure elsewhere."""
 
-    def __init__(self, rank: int, tb: str) -> None:
+    def __init__(self, rank: int, tb: str, comm_failure: bool = False) -> None:
         super().__init__(f"rank {rank} raised:\n{tb}")
-        self.rank = rank
-        self.tb = tb
+        self.rank, self.tb, self.comm_failure = rank, tb, comm_failure
 
     def __reduce__(self):
-        return (TrainingError, (self.rank, self.tb))
+        return (TrainingError, (self.rank, self.tb, self.comm_failure))
 
 
-def _attach_health(trainer) -> None:
-    """Report heartbeats to the daemon named in SUANLI_HEALTH_ADDR, when there is one."""
-    addr = os.environ.get("SUANLI_HEALTH_ADDR")
-    if not addr:
-        return
-    from suanli.fault.health.reporter import HeartbeatReporter
+class RankProcessDied(RuntimeError):
+    """The rank's process ended without a word: killed by a signal or a hard exit."""
 
-    HeartbeatReporter(addr, interval_s=trainer.cfg.fault.heartbeat_interval_s,
-                      accelerator=trainer.acc).attach(trainer)
+    def __init__(self, rank: int, exit_code: int) -> None:
+        how = f"killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited with code {exit_code}"
+        super().__init__(f"rank {rank}'s process {how}")
+        self.rank, self.exit_code = rank, exit_code
+
+    def __reduce__(self):
+        return (RankProcessDied, (self.rank, self.exit_code))

@@ -1,0 +1,88 @@
+"""One training rank under the supervisor: the process the zygote forks for each attempt.
+
+It runs the ordinary Trainer (the same code path as `suanli train --nproc N`) and leaves
+its outcome in a small JSON file for the actor: the result, or the traceback together with
+whether the error is a broken collective. That distinction matters to the supervisor: when
+one rank dies, its peers fail in their next collective with an error that looks like a
+crash in training code, and a restart must not be refused as a "user exception" because of
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+
+# Imported here so the zygote pays for them once, not every attempt.
+from suanli.infra.config import JobConfig, load_config
+from suanli.infra.distributed import shutdown
+from suanli.infra.faults import FaultInjector, faults_from_env
+from suanli.infra.trainer import Trainer
+
+# What collective libraries say when a peer went away or stopped answering (gloo's TCP
+# transport, torch's store, NCCL/HCCL/CNCL/MCCL aborts). Not user errors: the peer is the cause.
+COMM_FAILURE_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                        "Connection refused", "NCCL", "HCCL", "CNCL", "MCCL", "RCCL", "timed out", "Timed out",
+                        "TCPStore")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, RuntimeError) and any(m in text for m in COMM_FAILURE_MARKERS)
+
+
+def _load(cfg_toml: str) -> JobConfig:
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(cfg_toml)
+    try:
+        return load_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
+    """Train this rank to the end; 0 on success, 1 with the traceback in `result_path`."""
+    os.environ.update(env)
+    # The intra-op pool is sized when first used, which is after the fork: size it for this rank.
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    rank = int(env.get("RANK", "0"))
+    try:
+        trainer = Trainer(_load(cfg_toml))
+        rank = trainer.ctx.rank
+        # Faults first: a rank that dies or hangs at the end of a step never reports that
+        # step, like a rank that fails inside it.
+        FaultInjector(faults_from_env(), trainer.run_dir, rank).attach(trainer)
+        _attach_health(trainer)
+        results = trainer.fit()
+        outcome = {"rank": rank, "steps": trainer.step, "final_loss": results[-1].loss if results else None}
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, the process ends anyway
+        outcome = {"rank": rank, "error": "".join(traceback.format_exception(e)), "comm_failure": is_comm_failure(e)}
+        code = 1
+    finally:
+        try:
+            shutdown()
+        except Exception:
+            pass
+    with open(result_path + ".tmp", "w") as f:
+        json.dump(outcome, f)
+    os.replace(result_path + ".tmp", result_path)
+    return code
+
+
+def _attach_health(trainer) -> None:
+    """Report heartbeats to the daemon named in SUANLI_HEALTH_ADDR, when there is one."""
+    addr = os.environ.get("SUANLI_HEALTH_ADDR")
+    if not addr:
+        return
+    from suanli.fault.health.reporter import HeartbeatReporter
+
+    HeartbeatReporter(addr, interval_s=trainer.cfg.fault.heartbeat_interval_s,
+                      accelerator=trainer.acc).attach(trainer)
