@@ -92,10 +92,12 @@ def print_summary(summary: dict, run_dir: str) -> None:
           f"{summary.get('tokens_per_s', 0):,.0f} tokens/s | MFU "
           + (f"{100 * mfu:.2f}% (peak: {summary.get('peak_source')})" if mfu is not None else "unknown (no peak)"))
     for i, r in enumerate(summary.get("recoveries", []), 1):
-        print(f"recovery {i}: {r['failure']} on rank {r['rank']} | detected in {r['detection_s']} s | "
+        where = f"on rank {r['rank']}" if r["rank"] is not None else f"to {r['world_size_after']} workers"
+        print(f"recovery {i}: {r['failure']} {where} | detected in {r['detection_s']} s | "
               f"first step after restart {r['restart_s']} s later | resumed from step {r['resumed_from_step']}, "
               f"{r['steps_lost']} step(s) recomputed")
-    print(f"details: {run_dir}/summary.json, events.jsonl, metrics.jsonl")
+    print(f"details: {run_dir}/summary.json, events.jsonl, metrics.jsonl" +
+          (", logs/rank*.log" if summary.get("launcher") == "ray" else ""))
 
 
 def preflight(cfg, world_size: int) -> None:

@@ -139,15 +139,29 @@ class Trainer:
 
     def _measured_peak(self) -> float:
         """Dense GEMM peak measured on every rank at once (each sees the contention it will
-        train under), averaged over ranks so every rank reports the same MFU."""
+        train under), averaged over ranks so every rank reports the same MFU. Measured once
+        per run: a resumed attempt reuses the figure (and its seconds) from peak.json."""
         from suanli.bench.peak import measure_peak, sizes_for
 
+        cache = self.run_dir / "peak.json"
+        key = {"dtype": self.cfg.train.dtype, "device": self.acc.device_name(), "world_size": self.ctx.world_size}
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return float(saved["flops"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         m = measure_peak(self.cfg.train.dtype, self.acc, sizes=sizes_for(self.acc, quick=True), min_time_s=0.05,
                          trials=3, device=self.ctx.device)
         flops = torch.tensor([m.flops], dtype=torch.float64)
         if self.ctx.world_size > 1:
             dist.all_reduce(flops)
-        return float(flops.item()) / self.ctx.world_size
+        peak = float(flops.item()) / self.ctx.world_size
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "peak.json.tmp").write_text(json.dumps({"key": key, "flops": peak}))
+            (self.run_dir / "peak.json.tmp").replace(cache)
+        return peak
 
     def _phase(self, name: str) -> None:
         for h in self.hooks.on_phase:

@@ -50,6 +50,7 @@ def _load(cfg_toml: str) -> JobConfig:
 def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
     """Train this rank to the end; 0 on success, 1 with the traceback in `result_path`."""
     os.environ.update(env)
+    _log_to_file(env.get("SUANLI_RANK_LOG"))
     # The intra-op pool is sized when first used, which is after the fork: size it for this rank.
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     rank = int(env.get("RANK", "0"))
@@ -75,6 +76,19 @@ def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
         json.dump(outcome, f)
     os.replace(result_path + ".tmp", result_path)
     return code
+
+
+def _log_to_file(path: str | None) -> None:
+    """Send this process's stdout and stderr (Python's and native code's) to the rank's log."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for std in (1, 2):
+        os.dup2(fd, std)
+    os.close(fd)
+    print(f"== rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}, pid {os.getpid()}, "
+          f"job {os.environ.get('SUANLI_JOB', '')} ==", flush=True)
 
 
 def _attach_health(trainer) -> None:

@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from suanli.backends import get_accelerator
 from suanli.infra.config import JobConfig, to_toml
+from suanli.infra.cluster.progress import JobProgress
 from suanli.infra.cluster.worker import RankProcessDied, RankWorker, TrainingError
 from suanli.fault.checkpoint.manifest import read_latest
 
@@ -102,6 +103,17 @@ def _cause(e: BaseException) -> BaseException:
     return getattr(e, "cause", None) or e if isinstance(e, RayTaskError) else e
 
 
+def _consume(refs: list) -> None:
+    """Fetch the outcomes of an attempt's ranks that were stopped: they are known, and Ray
+    would otherwise print each one as an unhandled error."""
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception:
+            pass
+
+
 def _ready(pg) -> bool:
     try:
         ray.get(pg.ready(), timeout=0)
@@ -119,6 +131,7 @@ class Supervisor:
     health_addr: str | None = None        # a running daemon; None starts one
     policies: dict = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     poll_s: float = 0.2
+    show_progress: bool = True            # the live view (infra/cluster/progress.py) on stdout
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.train.run_dir)
@@ -197,6 +210,29 @@ class Supervisor:
         self._daemon.subscribe(self._health_queue.put)
         self.health_addr = self._daemon.address
 
+    def _health_counts(self, job: str):
+        """Ranks of this attempt by the daemon's state (ok, straggler, ...), at most once a second."""
+        from collections import Counter
+
+        now = time.time()
+        if now - getattr(self, "_health_at", 0.0) < 1.0:
+            return getattr(self, "_health_last", None)
+        self._health_at = now
+        try:
+            if self._daemon is not None:
+                reply = self._daemon.status()
+            elif self.health_addr:
+                from suanli.fault.health.client import HealthClient
+
+                with HealthClient(self.health_addr) as c:
+                    reply = c.status(job)
+            else:
+                return None
+            self._health_last = Counter(m.state for m in reply.members if m.job == job and m.rank >= 0)
+        except Exception:  # the view must never take the job down
+            self._health_last = None
+        return self._health_last
+
     def _health_events(self) -> list:
         events = []
         while not self._health_queue.empty():
@@ -266,7 +302,9 @@ class Supervisor:
         env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
                "MASTER_ADDR": master, "MASTER_PORT": str(port), "SUANLI_ACCELERATOR": self.acc.name,
                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "PYTHONUNBUFFERED": "1",
-               "SUANLI_INJECT_FAULTS": ",".join(self.faults)}
+               "SUANLI_INJECT_FAULTS": ",".join(self.faults),
+               # the live view is the supervisor's; each rank's own output goes to its log
+               "SUANLI_RANK_LOG": str((self.run_dir / "logs" / f"rank{rank}.log").resolve())}
         if self.acc.visible_devices_env and self.acc.ray_resource not in ("GPU", "NPU"):
             # Ray narrows GPU/NPU visibility itself; for custom resources (MLU, MUSA) the
             # supervisor does it. Either way the process then sees its device as index 0.
@@ -286,6 +324,7 @@ class Supervisor:
         job, grow_mark, next_capacity_check = self._attempt_job(attempt), None, 0.0
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
+            self._view.poll(len(gang.actors), sum(self.restarts.values()), self._health_counts(job))
             for ref in done:
                 rank = refs.index(ref)
                 try:
@@ -403,6 +442,7 @@ class Supervisor:
         self._start_health()
         start = time.time()
         self._event("job_start", workers=self.workers, faults=self.faults)
+        self._view = JobProgress(self.run_dir, self.cfg.train.steps, self.show_progress)
         gang, attempt = None, 0
         try:
             self.initial_world = self._world_size()
@@ -421,7 +461,9 @@ class Supervisor:
                     break
                 self._event("failure", failure=failure.failure, rank=failure.rank, detail=failure.detail[-2000:])
                 # Keep the gang when every actor is alive and the world size stays.
-                if not self._stop_attempt(gang) or failure.failure == "grow" or self._world_size() != len(gang.actors):
+                alive = self._stop_attempt(gang)
+                _consume(refs)
+                if not alive or failure.failure == "grow" or self._world_size() != len(gang.actors):
                     self._teardown(gang)
                     gang = None
                 attempt += 1
@@ -439,6 +481,7 @@ class Supervisor:
                 # should not hammer the cluster, a single fault should not cost seconds).
                 time.sleep(policy.backoff_s * (self.restarts[failure.failure] - 1))
         finally:
+            self._view.close()
             if gang is not None:
                 self._stop_attempt(gang)
                 self._teardown(gang)
