@@ -81,3 +81,14 @@ def test_live_view_reads_only_new_complete_lines(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["step 1/4 | loss 2.5000 | 1,000 tok/s | MFU unknown | world 2 | restarts 0",
                      "step 2/4 | loss 2.5000 | 1,000 tok/s | MFU unknown | world 2 | restarts 1 | health ok 2"]
+
+
+def test_a_guard_out_of_rollbacks_is_reported_as_diverging(zygote, tmp_path):
+    result = tmp_path / "result.json"
+    cfg = load_config(ROOT / "examples/tiny.toml", ["train.steps=8", "train.seq_len=32", "data.synthetic_tokens=20000",
+                                                     "checkpoint.every_steps=2", "fault.max_rollbacks=1"])
+    cfg.train.run_dir = str(tmp_path / "run")
+    env = rank_env(SUANLI_INJECT_FAULTS="nan:step=3,nan:step=5")
+    code = zygote.run(to_toml(cfg), env, str(result))
+    outcome = json.loads(result.read_text())
+    assert code == 1 and outcome["diverging"] is True and "loss guard" in outcome["error"], outcome

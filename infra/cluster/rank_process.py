@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 # Imported here so the zygote pays for them once, not every attempt.
+from suanli.fault.guard import GuardError
 from suanli.infra.config import JobConfig, load_config
 from suanli.infra.distributed import shutdown
 from suanli.infra.faults import FaultInjector, faults_from_env
@@ -65,7 +66,8 @@ def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
         outcome = {"rank": rank, "steps": trainer.step, "final_loss": results[-1].loss if results else None}
         code = 0
     except BaseException as e:  # noqa: BLE001 - every failure is reported, the process ends anyway
-        outcome = {"rank": rank, "error": "".join(traceback.format_exception(e)), "comm_failure": is_comm_failure(e)}
+        outcome = {"rank": rank, "error": "".join(traceback.format_exception(e)), "comm_failure": is_comm_failure(e),
+                   "diverging": isinstance(e, GuardError)}
         code = 1
     finally:
         try:

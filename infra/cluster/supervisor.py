@@ -7,7 +7,9 @@ Failure classes and what they get (each with its own budget and backoff):
                            the same restart
   user_exception           stop at once with the rank's traceback: a restart loop would
                            only repeat the bug
-  diverging                handled inside the job by the spike guard's rollback; counted here
+  diverging                handled inside the job by the spike guard's rollbacks (counted in
+                           the summary); when the guard runs out of them, it stops the job:
+                           restarting the same data at the same lr would diverge again
 Elastic: tp × pp is kept and the data-parallel degree follows the accelerators available;
 the global batch is kept by gradient accumulation (the trainer derives it from dp). When
 capacity comes back, the job grows again right after the next checkpoint commits.
@@ -58,6 +60,7 @@ DEFAULT_POLICIES = {
     "node_lost": RestartPolicy(5, 2.0),
     "hang": RestartPolicy(3, 1.0),
     "user_exception": RestartPolicy(0, 0.0),
+    "diverging": RestartPolicy(0, 0.0),
 }
 
 
@@ -369,7 +372,8 @@ class Supervisor:
                 return Recovery("worker_lost", rank, str(c), self._fault_time(rank), now, step_before=step)
         for rank, c in sorted(causes.items()):
             if isinstance(c, TrainingError) and not c.comm_failure:
-                return Recovery("user_exception", rank, c.tb, None, now, step_before=step)
+                kind = "diverging" if c.diverging else "user_exception"
+                return Recovery(kind, rank, c.tb, None, now, step_before=step)
             if not isinstance(c, (TrainingError, HeartbeatLost)):
                 return Recovery("user_exception", rank, f"{type(c).__name__}: {c}", None, now, step_before=step)
         # Only broken collectives and silent ranks: someone went away without a word we
@@ -471,7 +475,7 @@ class Supervisor:
                     self.recoveries.append(failure)
                     continue
                 policy = self.policies[failure.failure]
-                if failure.failure == "user_exception" or self.restarts[failure.failure] >= policy.max_restarts:
+                if self.restarts[failure.failure] >= policy.max_restarts:
                     raise JobFailed(f"{failure.failure} on rank {failure.rank}"
                                     + (f" (restart budget of {policy.max_restarts} spent)" if policy.max_restarts else "")
                                     + f":\n{failure.detail}")
@@ -495,7 +499,9 @@ class Supervisor:
     def _summary(self, wall_s: float) -> dict:
         path = self.run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
-        summary.update(restarts=sum(self.restarts.values()), wall_s=round(wall_s, 2),
+        events = self.run_dir / "events.jsonl"
+        rollbacks = sum('"kind": "rollback"' in x for x in events.read_text().splitlines()) if events.exists() else 0
+        summary.update(restarts=sum(self.restarts.values()), wall_s=round(wall_s, 2), rollbacks=rollbacks,
                        recoveries=[r.as_summary() for r in self.recoveries], launcher="ray")
         # The last attempt's trainer saw only its own steps; the job's endpoints and speed
         # come from every attempt's lines in metrics.jsonl.

@@ -9,7 +9,8 @@ hangs therefore reuses the gang: no new actors, no interpreter start, no `import
 How failures surface at the supervisor:
   the rank's process was killed (SIGKILL, OOM killer)  -> RankProcessDied (a task error)
   an exception in training code                        -> TrainingError, .comm_failure set
-                                                          when it is a broken collective
+                                                          when it is a broken collective,
+                                                          .diverging when the loss guard gave up
   the actor itself (or its node) died                  -> Ray's ActorDiedError
 """
 
@@ -60,7 +61,8 @@ class RankWorker:
         if code == 0:
             return outcome
         if "error" in outcome:
-            raise TrainingError(outcome.get("rank", rank), outcome["error"], outcome.get("comm_failure", False))
+            raise TrainingError(outcome.get("rank", rank), outcome["error"], outcome.get("comm_failure", False),
+                                outcome.get("diverging", False))
         raise RankProcessDied(rank, code)
 
     def stop(self) -> None:
@@ -73,14 +75,15 @@ class RankWorker:
 
 class TrainingError(RuntimeError):
     """An exception raised by training code on one rank. `comm_failure`: it is a broken
-    collective, i.e. most likely the consequence of a failure elsewhere."""
+    collective, i.e. most likely the consequence of a failure elsewhere; `diverging`: the
+    loss guard ran out of rollbacks."""
 
-    def __init__(self, rank: int, tb: str, comm_failure: bool = False) -> None:
+    def __init__(self, rank: int, tb: str, comm_failure: bool = False, diverging: bool = False) -> None:
         super().__init__(f"rank {rank} raised:\n{tb}")
-        self.rank, self.tb, self.comm_failure = rank, tb, comm_failure
+        self.rank, self.tb, self.comm_failure, self.diverging = rank, tb, comm_failure, diverging
 
     def __reduce__(self):
-        return (TrainingError, (self.rank, self.tb, self.comm_failure))
+        return (TrainingError, (self.rank, self.tb, self.comm_failure, self.diverging))
 
 
 class RankProcessDied(RuntimeError):
