@@ -18,6 +18,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="ranks under --launcher ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--run-dir", default=None, help="shortcut for --set train.run_dir=...")
+    p.add_argument("--health", default=None, metavar="ADDR|auto|off",
+                   help="under --launcher ray: a running health daemon to report to (default auto: start one); "
+                        "shortcut for --set fault.health=...")
     p.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="SPEC",
                    help="kill:rank=1:step=30 | hang:rank=0:step=50 | nan:step=40 | slow:rank=1:factor=3 | "
                         "raise:rank=0:step=20; repeatable")
@@ -30,6 +33,8 @@ def run_train(args) -> int:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f'train.run_dir="{args.run_dir}"')
+    if args.health:
+        overrides.append(f'fault.health="{args.health}"')
     cfg = load_config(args.config, overrides)
     if args.launcher == "ray":
         return run_supervised(cfg, args)
