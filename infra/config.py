@@ -78,9 +78,11 @@ class CommSection:
     diloco_inner_steps: int = 0       # 0 = off; H local steps between outer steps
     diloco_outer_lr: float = 0.7      # outer Nesterov SGD, DiLoCo paper defaults
     diloco_outer_momentum: float = 0.9
-    diloco_compress: str = "fp32"     # pseudo-gradient codec: fp32 | bf16 | fp16 | int8 | fp8
+    diloco_compress: str = "fp32"     # pseudo-gradient codec: fp32 | bf16 | fp16 | int8 | fp8 | int4
     diloco_streaming_fragments: int = 1  # > 1: fragments synced in turn (Streaming DiLoCo)
     diloco_warmup_steps: int = 0      # data-parallel steps (diloco_compress codec) before the first inner phase
+    diloco_overlap_steps: int = 0     # tau: apply a fragment's sync tau inner steps after launching it (0 = blocking)
+    diloco_overlap_mix: float = 0.5   # alpha: local weights kept when an overlapped sync lands (Streaming DiLoCo)
     hierarchical: bool = False        # reduce-scatter in node, all-reduce across, all-gather in node
     node_size: int = 0                # ranks per node for `hierarchical`; 0 = group by hostname
     pp_compress: str = "none"         # pipeline activations/grads at stage boundaries: none | bf16 | int8
@@ -263,7 +265,8 @@ def validate(cfg: JobConfig) -> None:
 def _validate_comm(c: CommSection, need) -> None:
     codecs = ("fp32", "bf16", "fp16", "int8", "fp8")
     need(c.grad in codecs + ("powersgd",), f"comm.grad: '{c.grad}' is not one of {', '.join(codecs)}, powersgd")
-    need(c.diloco_compress in codecs, f"comm.diloco_compress: '{c.diloco_compress}' is not one of {', '.join(codecs)}")
+    need(c.diloco_compress in codecs + ("int4",),
+         f"comm.diloco_compress: '{c.diloco_compress}' is not one of {', '.join(codecs)}, int4")
     need(c.pp_compress in ("none", "bf16", "int8"), f"comm.pp_compress: '{c.pp_compress}' is not one of none, bf16, int8")
     need(c.powersgd_rank >= 1, f"comm.powersgd_rank: must be >= 1, got {c.powersgd_rank}")
     need(c.powersgd_warmup_steps >= 0, f"comm.powersgd_warmup_steps: must be >= 0, got {c.powersgd_warmup_steps}")
@@ -275,6 +278,16 @@ def _validate_comm(c: CommSection, need) -> None:
     need(c.diloco_warmup_steps >= 0, f"comm.diloco_warmup_steps: must be >= 0, got {c.diloco_warmup_steps}")
     need(c.diloco_streaming_fragments >= 1,
          f"comm.diloco_streaming_fragments: must be >= 1, got {c.diloco_streaming_fragments}")
+    need(c.diloco_overlap_steps >= 0, f"comm.diloco_overlap_steps: must be >= 0 (0 = blocking), got {c.diloco_overlap_steps}")
+    need(c.diloco_overlap_steps == 0 or c.diloco_inner_steps > 0,
+         f"comm.diloco_overlap_steps: {c.diloco_overlap_steps} overlaps DiLoCo's outer sync, but DiLoCo is off; "
+         f"set comm.diloco_inner_steps > comm.diloco_overlap_steps, or comm.diloco_overlap_steps = 0")
+    need(c.diloco_overlap_steps < max(1, c.diloco_inner_steps),
+         f"comm.diloco_overlap_steps: must be below comm.diloco_inner_steps = {c.diloco_inner_steps} (a fragment's "
+         f"sync must land before its next one starts), got {c.diloco_overlap_steps}")
+    need(0.0 <= c.diloco_overlap_mix <= 1.0,
+         f"comm.diloco_overlap_mix: must be in [0, 1] (share of the local weights kept when a sync lands; "
+         f"0.5 in Streaming DiLoCo), got {c.diloco_overlap_mix}")
     need(c.diloco_inner_steps == 0 or c.grad == "fp32",
          f"comm.grad: '{c.grad}' compresses per-step gradient sync, which DiLoCo (comm.diloco_inner_steps="
          f"{c.diloco_inner_steps}) replaces; set comm.grad = \"fp32\" and compress the outer step with comm.diloco_compress")

@@ -116,8 +116,13 @@ class Trainer:
         # Checkpoints (resume, periodic async saves) and the loss guard, via self.hooks.
         self.recovery = Recovery(self)
         from suanli.infra.lowbw import CommOptions
+        from suanli.infra.lowbw.options import CommCheckpoint
 
         self.comm, self.comm_bytes = CommOptions(), 0  # plain sync until fit() attaches [comm] options
+        # The comm options' per-rank state (residuals, DiLoCo replicas) rides in checkpoints
+        # through this slot; fit() binds the options to it after resuming.
+        self.comm_checkpoint = CommCheckpoint()
+        self.recovery.state.per_rank["comm"] = self.comm_checkpoint
 
     # ---- setup helpers ----
     def _peak(self) -> tuple[float | None, str]:

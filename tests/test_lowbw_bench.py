@@ -18,7 +18,8 @@ def test_bad_arguments_and_missing_root_are_clear(monkeypatch):
 
 def fake(option, wall, loss):
     return {"option": option, "path": option, "wall_s": wall, "wire_bytes": 1e6, "payload_bytes_rank0": 5e5,
-            "final_loss": loss, "curve": [[0.0, 6.0], [wall, loss]]}
+            "final_loss": loss, "curve": [[0.0, 6.0], [wall, loss]],
+            "phases_s": {k: wall / len(lowbw.PHASES) for k in lowbw.PHASES}}
 
 
 def test_report_picks_the_fastest_option_within_3_percent(tmp_path):
@@ -34,5 +35,6 @@ def test_report_picks_the_fastest_option_within_3_percent(tmp_path):
     assert best["option"] == "diloco-int8"          # powersgd is faster but 5% worse; the floor is no option
     text = lowbw.format_report(report)
     assert "**diloco-int8**, 8.0x faster" in text and "at most 13.3x" in text
+    assert "| diloco-int8 | 5.0 | 5.0 | 5.0 | 5.0 | 5.0 |" in text          # where the time went
     stem = lowbw.write_results(report, tmp_path)
     assert stem.with_suffix(".png").stat().st_size > 1000 and stem.with_suffix(".json").exists()

@@ -33,6 +33,24 @@ def test_int8_error_is_within_half_a_step_per_block(block):
     assert q.wire_bytes(x.numel()) == x.numel() + 4 * x.numel() // block
 
 
+@pytest.mark.parametrize("block", [32, 256])
+def test_int4_packs_two_codes_a_byte_within_half_a_step(block):
+    q = BlockQuant("int4", block)
+    x = blocks_of(block)
+    codes, scales = q.quantize(x)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel() // 2 and scales.numel() == x.numel() // block
+    assert q.wire_bytes(x.numel()) == x.numel() // 2 + 4 * x.numel() // block
+    y = q.dequantize(codes, scales)
+    err = (y - x).abs().view(-1, block).amax(1)
+    assert torch.all(err <= x.view(-1, block).abs().amax(1) / 14 * (1 + 1e-5) + 1e-30)
+    assert torch.equal(y[block: 2 * block], torch.zeros(block))
+    assert y[2 * block + 5] == -3.0                          # the block's absmax is exact
+    # a chunk of the packed codes is the codes of the same chunk of elements (what the
+    # quantized reduce-scatter relies on when it splits the codes between ranks)
+    half = x.numel() // 2
+    assert torch.equal(q.dequantize(codes[half // 2:], scales[half // block:]), y[half:])
+
+
 @pytest.mark.skipif(FP8 is None, reason="torch without float8_e4m3fn")
 def test_fp8_error_is_within_its_relative_bound():
     q = BlockQuant("fp8", 64)
@@ -64,8 +82,10 @@ def test_activation_rows_pack_to_int8_and_back(d):
 
 def test_codec_names_and_config_errors():
     assert make_codec("bf16") == torch.bfloat16
-    with pytest.raises(ValueError, match="unknown codec 'int4'"):
-        make_codec("int4")
+    with pytest.raises(ValueError, match="unknown codec 'int2'"):
+        make_codec("int2")
+    # int4 is for DiLoCo's pseudo-gradients only (per-step gradients and FSDP shards stay 8-bit)
+    assert load_config(None, ['comm.diloco_compress="int4"']).comm.diloco_compress == "int4"
     with pytest.raises(ConfigError, match="comm.grad: 'int4' is not one of"):
         load_config(None, ['comm.grad="int4"'])
     with pytest.raises(ConfigError, match="comm.diloco_compress"):

@@ -118,6 +118,10 @@ class Checkpointer:
         tmp = self.dir / f"{step_dir_name(step)}.tmp"
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         _write_json(tmp / "rng" / f"rank{self.rank:05d}.json", capture_rng(state.accelerator))
+        for name, obj in state.per_rank.items():
+            # Written here, in the loop's stall: small for the states it holds today.
+            (tmp / "per_rank").mkdir(exist_ok=True)
+            torch.save(obj.state_dict(), tmp / "per_rank" / f"{name}-rank{self.rank:05d}.pt")
         if self.rank == 0:
             _write_json(tmp / TRAIN_STATE, self._train_state(step, state))
         response = dcp.async_save(tensor_state(state), storage_writer=FileSystemWriter(tmp, sync_files=True),
@@ -282,8 +286,22 @@ class Checkpointer:
             else:
                 notes.append(f"{name}: not in the checkpoint, left as initialised")
         notes += self._restore_rng(path, train_state, state)
+        notes += self._restore_per_rank(path, train_state, state)
         train_state["notes"] = notes
         return train_state
+
+    def _restore_per_rank(self, path: Path, train_state: dict, state: TrainState) -> list[str]:
+        same = (train_state.get("world_size") == self.world_size
+                and train_state["meta"].get("layout") == state.meta.get("layout"))
+        notes = []
+        for name, obj in state.per_rank.items():
+            f = path / "per_rank" / f"{name}-rank{self.rank:05d}.pt"
+            if not same or not f.is_file():
+                notes.append(f"{name}: per-rank state not restored (" + ("not in the checkpoint" if same else
+                             "the checkpoint was written with another parallel layout") + "), starts fresh")
+                continue
+            obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+        return notes
 
     def _restore_rng(self, path: Path, train_state: dict, state: TrainState) -> list[str]:
         # Per-rank random streams only mean the same thing in the same layout.

@@ -33,6 +33,9 @@ class TrainState:
       JSON-serialisable and the same on every rank (LR scheduler, data sampler, guard).
     meta: JSON facts saved beside them (config, parallel layout); informational on load.
     accelerator: the HAL accelerator, for the device RNG (None: CPU only).
+    per_rank: name -> object with `state_dict()` / `load_state_dict()` whose state differs
+      per rank and may hold tensors (the comm options' error-feedback residuals and DiLoCo
+      replicas): one torch file per rank, restored only in the same layout, like the RNG.
     """
 
     modules: list[nn.Module]
@@ -40,6 +43,7 @@ class TrainState:
     stateful: dict[str, Any] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     accelerator: Any = None
+    per_rank: dict[str, Any] = field(default_factory=dict)
 
 
 def model_view(modules: list[nn.Module]) -> nn.Module:

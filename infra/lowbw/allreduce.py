@@ -85,7 +85,7 @@ class FlatReducer:
         mine = self.owner_residual.compensate(key, mine)
         codes2, scales2 = q.quantize(mine)
         self.owner_residual.update(key, mine, q.dequantize(codes2, scales2))
-        all_codes = torch.empty(padded, dtype=torch.uint8, device=buf.device)
+        all_codes = torch.empty(q.code_numel(padded), dtype=torch.uint8, device=buf.device)
         all_scales = torch.empty(padded // q.block, dtype=torch.float32, device=buf.device)
         all_gather_into(all_codes, codes2, group=self.group)
         all_gather_into(all_scales, scales2, group=self.group)
@@ -122,6 +122,34 @@ class HierarchicalReducer:
 
 
 Reducer = FlatReducer | HierarchicalReducer
+
+
+def reducer_state(reducer: Reducer) -> dict:
+    """This rank's error-feedback residuals (they differ per rank), for checkpoints."""
+    flat = reducer.inner if isinstance(reducer, HierarchicalReducer) else reducer
+    return {"sent": flat.sent_residual.state_dict(), "owner": flat.owner_residual.state_dict()}
+
+
+def load_reducer_state(reducer: Reducer, state: dict) -> None:
+    flat = reducer.inner if isinstance(reducer, HierarchicalReducer) else reducer
+    flat.sent_residual.load_state_dict(state["sent"])
+    flat.owner_residual.load_state_dict(state["owner"])
+
+
+def dedicated_group(ctx, backend: str | None = None) -> dist.ProcessGroup:
+    """A second process group over this rank's data-parallel peers, for collectives issued
+    from a background thread: on their own group they can never interleave with the training
+    loop's. Collective over the whole world (every rank creates every data-parallel group's
+    copy, in the same order, as `new_group` requires)."""
+    backend = backend or dist.get_backend(ctx.dp_mesh.get_group())
+    mine = None
+    for ranks in data_parallel_groups(ctx.mesh):
+        g = dist.new_group(ranks, backend=backend)
+        if ctx.rank in ranks:
+            mine = g
+    if mine is None:
+        raise RuntimeError(f"rank {ctx.rank} is in no data-parallel group")
+    return mine
 
 
 @torch.no_grad()

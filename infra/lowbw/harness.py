@@ -115,14 +115,18 @@ def train_step(run: Run, step: int, inputs: torch.Tensor, targets: torch.Tensor)
     run.optimizer.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
     comm_bytes += run.comm.after_optimizer_step(step, run.params)
+    t4 = time.perf_counter()
     holds = (pm.pipeline.has_last if pm.pipeline is not None else True) and ctx.tp_rank == 0
     t = (local_loss if holds else torch.zeros(())).reshape(1).float()
     if ctx.world_size > 1:
         dist.all_reduce(t)
     # Phase times (this rank's view, no device sync: CPU timing): forward/backward (with DDP's
-    # or FSDP's own overlapped sync), after_backward, clip + optimizer.
-    return {"loss": t.item() / ctx.dp_size, "grad_norm": grad_norm, "comm_bytes": comm_bytes,
-            "fwd_bwd_s": t1 - t0, "sync_s": t2 - t1, "optimizer_s": t3 - t2}
+    # or FSDP's own overlapped sync), after_backward, clip + optimizer, after_optimizer_step
+    # (DiLoCo's outer step, or the wait for an overlapped one), the loss all-reduce.
+    loss = t.item() / ctx.dp_size
+    return {"loss": loss, "grad_norm": grad_norm, "comm_bytes": comm_bytes,
+            "fwd_bwd_s": t1 - t0, "sync_s": t2 - t1, "optimizer_s": t3 - t2, "outer_s": t4 - t3,
+            "loss_sync_s": time.perf_counter() - t4}
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,13 @@ The seam (the trainer's side, in order, once per optimizer step):
 `step` is the 1-based number of optimizer steps done, this one included (the trainer's
 self.step + 1 before it increments). `skip_builtin_sync` does not change during a run.
 
+Checkpoints: `state_dict()` is this rank's comm state (error-feedback residuals, DiLoCo's
+outer copy, momentum, replica weights and inner optimizer state, PowerSGD's Q and error),
+different on every rank, so the checkpoint keeps it per rank (TrainState.per_rank). The
+trainer holds a `CommCheckpoint` slot from the start; attach_comm_options binds the options
+to it (`trainer.comm_checkpoint`), applying a state the resume loaded before they existed.
+torch's own DDP hooks (bf16, powerSGD_hook) keep their state inside DDP: not checkpointed.
+
 `comm_bytes` is what this rank sent in the step to synchronize gradients (DiLoCo: pseudo-
 gradients), plus compressed pipeline-boundary traffic when comm.pp_compress is on, counted
 as the ring algorithm sends it (allreduce.py). FSDP's parameter all-gathers are not
@@ -45,8 +52,8 @@ import torch
 import torch.distributed as dist
 
 from suanli.infra.lowbw.allreduce import (FlatReducer, HierarchicalReducer, Reducer, average_tensors_,
-                                          build_hierarchy, data_parallel_groups, node_ids, ring_allreduce_bytes,
-                                          ring_half_bytes)
+                                          build_hierarchy, data_parallel_groups, dedicated_group, load_reducer_state,
+                                          node_ids, reducer_state, ring_allreduce_bytes, ring_half_bytes)
 from suanli.infra.lowbw.pipeline_compress import BoundaryCompression, ByteCounter, compress_pipeline
 
 
@@ -79,9 +86,66 @@ class CommOptions:
     def describe(self) -> dict:
         return {"path": self.describe_path, "skip_builtin_sync": self.skip_builtin_sync, **self.details}
 
+    def state_dict(self) -> dict:
+        """This rank's comm state (per rank: residuals and DiLoCo replicas differ), by part."""
+        return {name: _part_state(part) for name, part in self.parts.items() if _part_state(part) is not None}
+
+    def load_state_dict(self, sd: dict) -> list[str]:
+        """Restore what `state_dict` saved; returns notes on what could not apply."""
+        notes = []
+        for name, part in self.parts.items():
+            if name not in sd:
+                if _part_state(part) is not None:
+                    notes.append(f"comm state: {name} not in the checkpoint, starts fresh")
+                continue
+            if isinstance(part, (FlatReducer, HierarchicalReducer)):
+                load_reducer_state(part, sd[name])
+            else:
+                part.load_state_dict(sd[name])
+        return notes
+
     def close(self) -> None:
         if self.pipeline is not None:
             self.pipeline.remove()
+        if "diloco" in self.parts:
+            self.parts["diloco"].close()
+
+
+def _part_state(part):
+    if isinstance(part, (FlatReducer, HierarchicalReducer)):
+        return reducer_state(part)
+    return part.state_dict() if hasattr(part, "state_dict") else None
+
+
+class CommCheckpoint:
+    """The checkpoint's per-rank entry for the comm options (TrainState.per_rank["comm"]).
+
+    It exists before the options do: the trainer resumes from a checkpoint first and builds
+    its CommOptions after (they read the resumed step), so a state loaded before `bind` is
+    held and applied when the options are bound; once bound, saves and loads (a rollback)
+    go straight to the live options."""
+
+    def __init__(self) -> None:
+        self.live: CommOptions | None = None
+        self.pending: dict | None = None
+        self.notes: list[str] = []
+
+    def state_dict(self) -> dict:
+        if self.live is not None:
+            return self.live.state_dict()
+        return self.pending or {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self.live is not None:
+            self.notes = self.live.load_state_dict(sd)
+        else:
+            self.pending = sd
+
+    def bind(self, opts: CommOptions) -> None:
+        self.live = opts
+        if self.pending is not None:
+            self.notes = opts.load_state_dict(self.pending)
+            self.pending = None
 
 
 def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -102,10 +166,12 @@ def _local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
-def make_reducer(ctx, codec: str, block: int, error_feedback: bool, hierarchical: bool, node_size: int) -> Reducer:
-    group = ctx.dp_mesh.get_group()
+def make_reducer(ctx, codec: str, block: int, error_feedback: bool, hierarchical: bool, node_size: int,
+                 dedicated: bool = False) -> Reducer:
+    """dedicated: on process groups of its own (for a background thread); hierarchical
+    reducers always create their own groups."""
     if not hierarchical:
-        return FlatReducer(group, codec, block, error_feedback)
+        return FlatReducer(dedicated_group(ctx) if dedicated else ctx.dp_mesh.get_group(), codec, block, error_feedback)
     h = build_hierarchy(data_parallel_groups(ctx.mesh), node_ids(ctx.world_size, node_size), ctx.rank)
     return HierarchicalReducer(h.intra, FlatReducer(h.inter, codec, block, error_feedback))
 
@@ -175,7 +241,7 @@ def attach_comm_options(trainer) -> CommOptions:
 
     if ctx.dp_size == 1:
         opts.describe_path = "single replica: no gradient sync"
-        return opts
+        return _bound(trainer, opts)
 
     group = ctx.dp_mesh.get_group()
     n = ctx.dp_size
@@ -199,7 +265,7 @@ def attach_comm_options(trainer) -> CommOptions:
             opts.estimate = replicate
             opts.describe_path = f"compressed FSDP reduce-scatter ({c.grad})" + (
                 "; HSDP replicate all-reduce stays torch fp32" if kind == "hsdp" else "")
-        return opts
+        return _bound(trainer, opts)
 
     if kind not in ("ddp", "none"):
         raise ValueError(f"comm: unknown data-parallel kind {kind!r}")
@@ -207,19 +273,27 @@ def attach_comm_options(trainer) -> CommOptions:
     if diloco:
         from suanli.infra.lowbw.diloco import DiLoCo
 
-        reducer = make_reducer(ctx, c.diloco_compress, c.quant_block, c.error_feedback, c.hierarchical, c.node_size)
-        # Warm-up steps average gradients with the same codec (and topology) as the outer step.
+        tau = c.diloco_overlap_steps
+        reducer = make_reducer(ctx, c.diloco_compress, c.quant_block, c.error_feedback, c.hierarchical, c.node_size,
+                               dedicated=tau > 0)
+        # Warm-up steps average gradients with the same codec (and topology) as the outer step,
+        # on the loop's own groups when the outer step runs in the background.
+        warmup = reducer if tau == 0 or not c.diloco_warmup_steps else make_reducer(
+            ctx, c.diloco_compress, c.quant_block, c.error_feedback, c.hierarchical, c.node_size)
         outer = DiLoCo(params, reducer, c.diloco_inner_steps, c.diloco_outer_lr, c.diloco_outer_momentum,
-                       c.diloco_streaming_fragments, c.diloco_warmup_steps, reducer,
-                       start_step=int(getattr(trainer, "step", 0)))
+                       c.diloco_streaming_fragments, c.diloco_warmup_steps, warmup,
+                       start_step=int(getattr(trainer, "step", 0)), overlap_steps=tau, mix=c.diloco_overlap_mix,
+                       inner_optimizer=getattr(trainer, "optimizer", None))
         opts.skip_builtin_sync = True
         opts.sync = lambda ps: outer.after_backward(_grads(ps))
         opts.outer = outer.after_optimizer_step
         opts.describe_path = (f"suanli DiLoCo H={c.diloco_inner_steps} outer lr {c.diloco_outer_lr} momentum "
                               f"{c.diloco_outer_momentum}, pseudo-gradient {c.diloco_compress}, "
-                              f"{len(outer.fragments)} fragment(s), {c.diloco_warmup_steps} warm-up step(s)")
+                              f"{len(outer.fragments)} fragment(s), {c.diloco_warmup_steps} warm-up step(s)"
+                              + (f", overlapped {tau} step(s), mix {c.diloco_overlap_mix}" if tau else ""))
+        opts.details.update(overlap_steps=tau)
         opts.parts["diloco"] = outer
-        return opts
+        return _bound(trainer, opts)
 
     use_hook = kind == "ddp" and c.ddp_hooks and c.grad in ("bf16", "fp16", "powersgd") and not c.hierarchical
     if kind == "ddp" and c.grad == "fp32" and not c.hierarchical:
@@ -241,4 +315,16 @@ def attach_comm_options(trainer) -> CommOptions:
         opts.sync = lambda ps: average_tensors_(reducer, _grads(ps))
         opts.describe_path = f"suanli {'hierarchical' if c.hierarchical else 'flat'} all-reduce ({c.grad})"
         opts.parts["reducer"] = reducer
+    return _bound(trainer, opts)
+
+
+def _bound(trainer, opts: CommOptions) -> CommOptions:
+    """Hand the options to the trainer's checkpoint slot (which applies a resumed state),
+    and stop DiLoCo's background worker when the trainer's fit ends."""
+    slot = getattr(trainer, "comm_checkpoint", None)
+    if slot is not None:
+        slot.bind(opts)
+    hooks = getattr(trainer, "hooks", None)
+    if hooks is not None:
+        hooks.on_fit_end.append(lambda _trainer: opts.close())
     return opts

@@ -85,6 +85,16 @@ class PowerSGD:
             grads[i].copy_(approx.view_as(grads[i]))
         return sent
 
+    def state_dict(self) -> dict:
+        """Per rank: the error differs per rank; Q is shared but cheap to keep with it."""
+        return {"steps": self.steps, "q": [[i, q.clone()] for i, q in self._q.items()],
+                "error": [[i, e.clone()] for i, e in self._error.items()]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps = sd["steps"]
+        self._q = {i: q for i, q in sd["q"]}
+        self._error = {i: e for i, e in sd["error"]}
+
     def _mean_(self, parts: dict[int, torch.Tensor]) -> int:
         if not parts:
             return 0
