@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                    help="fraction of peak FLOP/s compute reaches (default 0.5; see infra/planner.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak per device, overrides the table")
     p.add_argument("--memory-gib", type=float, default=None, help="device memory, overrides the table")
+    p.add_argument("--overlap-efficiency", type=float, default=None,
+                   help="share of overlappable DDP/FSDP communication the backend hides behind compute, 0..1 "
+                        "(default: the topology file's measurement, else 1.0 for accelerators)")
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--diloco-h", type=int, default=50, help="DiLoCo inner steps assumed")
     p.add_argument("--no-algorithmic", action="store_true",
@@ -45,7 +48,8 @@ def run_plan(args) -> int:
     job = make_job(args.model, args.devices, args.seq_len, args.global_batch, args.dtype, args.powersgd_rank,
                    args.diloco_h)
     hw = hardware(args.device_type, dpn, args.intra_gbps, args.inter_gbps, topo, args.dtype,
-                  args.achievable or DEFAULT_ACHIEVABLE, args.peak_tflops, args.memory_gib)
+                  args.achievable or DEFAULT_ACHIEVABLE, args.peak_tflops, args.memory_gib,
+                  overlap_efficiency=args.overlap_efficiency)
     ranked = plan(job, hw, include_algorithmic=not args.no_algorithmic)
     if not ranked:
         raise ValueError(f"--model {args.model}: no layout fits {args.devices} x {hw.name} "
@@ -67,16 +71,19 @@ def format_plan(job, hw, rows, n_fit: int, model_name: str) -> str:
             f"{hw.intra.bandwidth_gbps:g} Gb/s, inter {hw.inter.bandwidth_gbps:g} Gb/s per node), seq {job.seq_len}, "
             f"global batch {job.global_batch}, {job.dtype}; {n_fit} layouts fit, fastest first")
     cols = f"{'#':>3} {'layout':<44} {'mem GiB':>8} {'compute':>8} {'bubble':>7} {'tp comm':>7} {'pp comm':>7} " \
-           f"{'dp comm':>8} {'step s':>8} {'tok/s':>10} {'MFU':>6}"
+           f"{'dp comm':>8} {'other':>6} {'step s':>8} {'tok/s':>10} {'MFU':>6}"
     lines = [head, cols]
     for i, p in enumerate(rows, 1):
         t = p.time
         mfu = f"{100 * p.mfu:.1f}%" if p.mfu is not None else "-"
         lines.append(f"{i:>3} {p.layout.label():<44} {p.memory['total'] / (1 << 30):>8.1f} {t['compute']:>8.3f} "
                      f"{t['bubble']:>7.3f} {t['tp_comm']:>7.3f} {t['pp_comm']:>7.3f} {t['dp_comm']:>8.3f} "
+                     f"{t['step_comm'] + t['host'] + t['codec']:>6.3f} "
                      f"{t['step']:>8.3f} {p.tokens_per_s:>10,.0f} {mfu:>6}")
     lines += ["", "Seconds per optimizer step; compute, tp/pp comm summed over micro-batches, bubble = idle pipeline "
-              "time, dp comm = the part not hidden behind compute. powersgd/diloco change the optimization: check "
-              "the loss curve.",
+              f"time, dp comm = the part not hidden behind compute (overlap efficiency {hw.overlap_efficiency:g}), "
+              "other = loss and gradient-norm reductions + the parallel wrappers' host time + the int8 codec's work. Every collective is "
+              "counted and charged alpha + bytes/bandwidth (infra/planner.py: collectives). powersgd/diloco "
+              "change the optimization: check the loss curve.",
               "", "# suggested config (suanli train CONFIG.toml --nproc ...)", to_toml(job, rows[0], model_name)]
     return "\n".join(lines)

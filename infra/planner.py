@@ -1,33 +1,32 @@
 """Bandwidth-aware parallel planner: which tp × pp × dp × micro-batch × recompute × comm
 option to run, predicted from a memory model and an alpha-beta time model.
 
-Topology file (JSON, written by `probe_topology` / `suanli bench comm --topology-out`):
+Links, the topology file and the cost of one collective: infra/plan_comm.py.
 
-    {"format": "suanli-topology", "version": 1, "source": "probe" | "manual",
-     "devices_per_node": 8,
-     "links": {"intra_node": {"alpha_s": 4e-06, "bandwidth_gbps": 3600.0},
-               "inter_node": {"alpha_s": 2e-05, "bandwidth_gbps": 25.0}},
-     "measured": {...raw samples...}}
-
-`bandwidth_gbps` is Gbit/s: per device for intra_node (one device's link to its node
-peers), per node for inter_node (all of the node's NICs, shared by every device of the
-node that talks across nodes at the same time). `alpha_s` is the per-message latency.
-
-Time model (Hockney's alpha-beta model: a message of S bytes costs alpha + S/bw):
-  ring all-reduce over n ranks  2(n-1)·alpha + 2(n-1)/n · S/bw
-  reduce-scatter / all-gather   (n-1)·alpha + (n-1)/n · S/bw
-  point-to-point                alpha + S/bw
+Communication is counted, not lumped: `collectives(job, layout)` lists every collective one
+step issues on the heaviest stage's device (kind, group, bytes, calls per step), as torch
+2.x issues them for suanli's layouts (bench/plan_validate.py counts them on real gloo
+processes and shows predicted against counted), and each call costs the alpha-beta time of
+its kind over its group's link (per-kind figures from the topology file when it has them).
 A ring that crosses nodes is limited by its inter-node hop, whose bandwidth is the node's
 divided by the rings crossing at once (devices per node / ring members per node).
 
   compute per micro-batch  = hardware FLOPs (bench/flops.py, recompute included)
                              / (peak FLOP/s × achievable fraction)
-  pipeline (1F1B)          = (m + pp - 1) × (compute + TP comm + 2 p2p) per micro-batch
+                             + the parallel wrappers' host time per layer (TP's DTensor
+                             dispatch, FSDP's copy-in/out; 0 on accelerators, whose host runs
+                             ahead of the kernels; measured on CPU, where the host is the device)
+  pipeline (1F1B)          = (m + pp - 1) × (compute + blocking TP and p2p collectives) per
+                             micro-batch
   optimizer                = clip + AdamW over the parameters this device holds (memory-bound)
-  data-parallel sync       = the option's bytes, exposed beyond the last micro-batch's
-                             backward where torch overlaps it (DDP/FSDP buckets, DDP hooks);
-                             suanli's manual path (int8 all-reduce, DiLoCo) runs after
-                             backward and is fully exposed.
+  data-parallel sync       = the DDP buckets / FSDP gathers and reduce-scatters; the part torch
+                             can overlap (DDP buckets and FSDP reduce-scatters with backward,
+                             FSDP prefetched gathers with compute) is hidden up to the overlap
+                             window × the backend's overlap efficiency (a property of the
+                             device class or measured into the topology file, never of a
+                             layout); suanli's manual path (int8, DiLoCo) is fully exposed
+  step-level collectives   = the loss reduction and the gradient-norm reductions of clipping
+  int8 codec               = quantize/dequantize work of the manual int8 path, per element
 Peak FLOP/s comes from the HAL's table (backends/peak_flops.py). The default achievable
 fraction 0.5 is the end-to-end share of peak large dense-transformer trainings report
 (Megatron-LM, Narayanan et al. 2021: 52% of A100 peak at 1T parameters; MegaScale, Jiang
@@ -48,14 +47,13 @@ logits and their fp32 loss copy. Usable memory is 90% of the device's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from suanli.infra.model import ModelConfig, preset
+from suanli.infra.plan_comm import (KINDS, Link, Topology, fit_alpha_beta, probe_in_step, probe_topology,  # noqa: F401
+                                    read_topology, topology_from_dict, write_topology)
 
-TOPOLOGY_FORMAT, TOPOLOGY_VERSION = "suanli-topology", 1
 USABLE_MEMORY = 0.90
 DEFAULT_ACHIEVABLE = 0.5
 GiB = 1 << 30
@@ -84,160 +82,6 @@ RECOMPUTE = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
-# ---------------------------------------------------------------- links and topology
-
-
-@dataclass(frozen=True)
-class Link:
-    alpha_s: float          # latency per message
-    bandwidth_gbps: float   # Gbit/s
-
-    @property
-    def beta(self) -> float:
-        """Seconds per byte."""
-        return 8.0 / (self.bandwidth_gbps * 1e9)
-
-
-@dataclass
-class Topology:
-    intra: Link
-    inter: Link | None
-    devices_per_node: int
-    source: str = "manual"
-    measured: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        links = {"intra_node": asdict(self.intra)}
-        if self.inter is not None:
-            links["inter_node"] = asdict(self.inter)
-        return {"format": TOPOLOGY_FORMAT, "version": TOPOLOGY_VERSION, "source": self.source,
-                "devices_per_node": self.devices_per_node, "links": links, "measured": self.measured}
-
-
-def _link(d: dict, where: str) -> Link:
-    for k in ("alpha_s", "bandwidth_gbps"):
-        v = d.get(k)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
-                or (k == "bandwidth_gbps" and v == 0):
-            raise ValueError(f"{where}.{k}: expected a positive number, got {v!r}")
-    return Link(float(d["alpha_s"]), float(d["bandwidth_gbps"]))
-
-
-def topology_from_dict(d: dict, origin: str = "topology") -> Topology:
-    if not isinstance(d, dict) or d.get("format") != TOPOLOGY_FORMAT:
-        raise ValueError(f"{origin}: not a suanli topology file (expected \"format\": \"{TOPOLOGY_FORMAT}\"); "
-                         f"write one with `suanli bench comm --topology-out FILE`")
-    if d.get("version") != TOPOLOGY_VERSION:
-        raise ValueError(f"{origin}: version {d.get('version')!r} is not supported (this suanli reads "
-                         f"version {TOPOLOGY_VERSION})")
-    links = d.get("links")
-    if not isinstance(links, dict) or "intra_node" not in links:
-        raise ValueError(f"{origin}: links.intra_node is missing")
-    dpn = d.get("devices_per_node")
-    if not isinstance(dpn, int) or dpn < 1:
-        raise ValueError(f"{origin}: devices_per_node must be an integer >= 1, got {dpn!r}")
-    inter = _link(links["inter_node"], f"{origin}: links.inter_node") if "inter_node" in links else None
-    return Topology(_link(links["intra_node"], f"{origin}: links.intra_node"), inter, dpn,
-                    str(d.get("source", "manual")), d.get("measured", {}))
-
-
-def read_topology(path: str | Path) -> Topology:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--topology: {str(p)!r} not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--topology: {p} is not valid JSON: {e}") from None
-    return topology_from_dict(data, str(p))
-
-
-def write_topology(topo: Topology, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(topo.to_dict(), indent=2) + "\n")
-
-
-def fit_alpha_beta(samples: list[tuple[int, float]], n: int) -> Link:
-    """Least-squares fit of t = 2(n-1)·alpha + 2(n-1)/n·S·beta to (bytes S, seconds t) samples
-    of a ring all-reduce over n ranks; both coefficients kept non-negative."""
-    import numpy as np
-
-    if n < 2 or len(samples) < 2:
-        raise ValueError("fit_alpha_beta: needs >= 2 ranks and >= 2 message sizes")
-    a = np.array([[2 * (n - 1), 2 * (n - 1) / n * s] for s, _ in samples], dtype=float)
-    t = np.array([x for _, x in samples], dtype=float)
-    # Relative residuals: small messages (latency) and large ones (bandwidth) count alike.
-    w = 1.0 / t
-    coef, *_ = np.linalg.lstsq(a * w[:, None], t * w, rcond=None)
-    alpha, beta = float(coef[0]), float(coef[1])
-    if beta <= 0:  # latency-dominated samples: bandwidth from the largest message alone
-        s, x = max(samples)
-        beta = max(x - 2 * (n - 1) * max(alpha, 0.0), 1e-12) / (2 * (n - 1) / n * s)
-    if alpha < 0:
-        alpha = 0.0
-    return Link(alpha, 8.0 / beta / 1e9)
-
-
-def _time_allreduce(group, nbytes: int, iters: int, device) -> float:
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    for _ in range(2):
-        dist.all_reduce(buf, group=group)
-    dist.barrier(group=group)
-    start = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(buf, group=group)
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
-    t = torch.tensor([(time.perf_counter() - start) / iters])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # done when the last rank is
-    return float(t.item())
-
-
-def probe_topology(ctx, sizes: tuple[int, ...] = (1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), iters: int = 5,
-                   path: str | Path | None = None, node_size: int = 0) -> dict:
-    """Measure alpha and bandwidth per link class on the running job and return (rank 0 also
-    writes to `path`) a topology dict. Collective: every rank of the world must call it.
-
-    Nodes come from hostnames (or `node_size` consecutive ranks). Intra-node: an all-reduce
-    inside each node. Inter-node: an all-reduce among the ranks at the same position of
-    every node; all positions run at once, as they do in training, so the fitted ring
-    bandwidth is multiplied by the ranks per node to give the node's aggregate."""
-    import torch.distributed as dist
-
-    from suanli.infra.lowbw.allreduce import build_hierarchy, node_ids
-
-    world = dist.get_world_size()
-    if world < 2:
-        raise ValueError("probe_topology: needs at least 2 processes (start with --nproc 2 or more)")
-    h = build_hierarchy([list(range(world))], node_ids(world, node_size), dist.get_rank())
-    measured: dict = {}
-    links: dict[str, Link] = {}
-    for name, group, n in (("intra_node", h.intra, h.ranks_per_node), ("inter_node", h.inter, h.n_nodes)):
-        if n < 2:
-            continue
-        samples = [(s, _time_allreduce(group, s, iters, ctx.device)) for s in sizes]
-        fit = fit_alpha_beta(samples, n)
-        if name == "inter_node":
-            fit = Link(fit.alpha_s, fit.bandwidth_gbps * h.ranks_per_node)
-        links[name] = fit
-        measured[name] = {"ranks": n, "concurrent_rings": h.ranks_per_node if name == "inter_node" else h.n_nodes,
-                          "samples": [{"bytes": s, "seconds": t} for s, t in samples]}
-    if "intra_node" not in links:
-        # One rank per node: there is no intra-node link to measure; the planner then needs
-        # --intra-gbps, so record the inter-node fit and say so.
-        measured["note"] = "one rank per node: intra_node copied from inter_node"
-        links["intra_node"] = links["inter_node"]
-    topo = Topology(links["intra_node"], links.get("inter_node"), h.ranks_per_node, "probe",
-                    {"backend": dist.get_backend(), "world_size": world, **measured})
-    if path is not None and dist.get_rank() == 0:
-        write_topology(topo, path)
-    return topo.to_dict()
-
-
 # ---------------------------------------------------------------- hardware
 
 
@@ -249,12 +93,32 @@ class Hardware:
     devices_per_node: int
     intra: Link
     inter: Link
-    overlap: bool = True        # torch overlaps DDP/FSDP comm with backward (not on a shared CPU)
+    # Share of an overlappable collective the backend really hides behind compute: GPUs run
+    # collectives on their own engines/SMs (1.0 unless the topology file measured less); gloo
+    # runs on the CPU cores that also compute, so little hides (the CPU probe measures it).
+    overlap_efficiency: float = 1.0
     peak_flops: float | None = None
     # Clip + AdamW per parameter held: memory-bound, it reads weights, grads and both moments
     # and writes three of them, ~28 bytes, plus the norm's read of the grads (~32 B in all);
     # at ~2 TB/s of HBM that is 1.6e-11 s. The CPU validation measures its own.
     optimizer_s_per_param: float = 32 / 2e12
+    kinds: dict = field(default_factory=dict)   # link class -> collective kind -> measured Link
+    # Host time the parallel wrappers add per layer and micro-batch ({"tp": DTensor dispatch and
+    # redistribution bookkeeping, "fsdp": gather copy-in/out and hooks}). An accelerator's host
+    # runs ahead of its kernels and hides it (none here); on CPU the host is the device, and
+    # bench/plan_validate.py measures it.
+    host_s_per_layer: dict = field(default_factory=dict)
+    # suanli's int8 path's own work per gradient element (FlatReducer: quantize, error feedback,
+    # dequantize, sum, requantize: ~25 bytes of memory traffic at ~2 TB/s of HBM). CPU: measured.
+    codec_s_per_param: float = 25 / 2e12
+
+    def link(self, span_nodes: bool, kind: str) -> Link:
+        """The link a collective of `kind` runs at: measured per kind where the topology has it
+        (all-to-all falls back to reduce-scatter, which moves the same bytes), else the class's."""
+        cls = "inter_node" if span_nodes else "intra_node"
+        per_kind = self.kinds.get(cls, {})
+        return per_kind.get(kind) or per_kind.get("reduce_scatter" if kind == "all_to_all" else "") or \
+            (self.inter if span_nodes else self.intra)
 
 
 def device_row(device_type: str):
@@ -272,7 +136,8 @@ def device_row(device_type: str):
 def hardware(device_type: str, devices_per_node: int, intra_gbps: float | None, inter_gbps: float | None,
              topology: Topology | None = None, dtype: str = "bf16", achievable: float = DEFAULT_ACHIEVABLE,
              peak_tflops: float | None = None, memory_gib: float | None = None,
-             intra_latency_us: float = 5.0, inter_latency_us: float = 20.0) -> Hardware:
+             intra_latency_us: float = 5.0, inter_latency_us: float = 20.0,
+             overlap_efficiency: float | None = None) -> Hardware:
     """Resolve a device name and link figures (flags win over the topology file)."""
     from suanli.backends.peak_flops import lookup_peak_flops
 
@@ -288,7 +153,13 @@ def hardware(device_type: str, devices_per_node: int, intra_gbps: float | None, 
     mem = (memory_gib if memory_gib else DEVICE_MEMORY_GIB.get(label)) or 0
     if mem <= 0:
         raise ValueError(f"--device-type: no memory size known for {label}; pass --memory-gib")
+    kinds: dict = {}
+    overlap = 1.0
     if topology is not None:
+        # A flag that overrides a class's bandwidth also retires that class's per-kind figures.
+        kinds = {c: k for c, k in topology.kinds.items()
+                 if (c == "intra_node" and intra_gbps is None) or (c == "inter_node" and inter_gbps is None)}
+        overlap = topology.overlap_efficiency if topology.overlap_efficiency is not None else 1.0
         intra = topology.intra if intra_gbps is None else Link(topology.intra.alpha_s, intra_gbps)
         base_inter = topology.inter or Link(inter_latency_us * 1e-6, inter_gbps or 0.0)
         inter = base_inter if inter_gbps is None else Link(base_inter.alpha_s, inter_gbps)
@@ -296,10 +167,15 @@ def hardware(device_type: str, devices_per_node: int, intra_gbps: float | None, 
         if intra_gbps is None or inter_gbps is None:
             raise ValueError("--intra-gbps and --inter-gbps: both are needed without --topology FILE")
         intra, inter = Link(intra_latency_us * 1e-6, intra_gbps), Link(inter_latency_us * 1e-6, inter_gbps)
+    if overlap_efficiency is not None:
+        if not 0 <= overlap_efficiency <= 1:
+            raise ValueError(f"--overlap-efficiency: must be in [0, 1], got {overlap_efficiency}")
+        overlap = overlap_efficiency
     for name, link in (("--intra-gbps", intra), ("--inter-gbps", inter)):
         if not link.bandwidth_gbps > 0:
             raise ValueError(f"{name}: must be > 0, got {link.bandwidth_gbps}")
-    return Hardware(label, peak * achievable, mem * GiB, devices_per_node, intra, inter, True, peak)
+    return Hardware(label, peak * achievable, mem * GiB, devices_per_node, intra, inter, overlap, peak,
+                    kinds=kinds)
 
 
 # ---------------------------------------------------------------- layouts
@@ -428,21 +304,128 @@ def memory(job: Job, lay: Layout) -> dict[str, float]:
     return {"states": states, "activations": acts, "logits": logits, "total": states + acts + logits}
 
 
+# ---------------------------------------------------------------- communication inventory
+
+
+DDP_FIRST_BUCKET, DDP_BUCKET = 1 << 20, 25 << 20   # torch DDP's bucket caps (bytes of fp32 grads)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective a step issues on the heaviest stage's device."""
+    what: str        # what it carries
+    kind: str        # all_reduce | all_gather | reduce_scatter | all_to_all | p2p
+    group: str       # tp | pp | dp | shard | replicate | world
+    part: str        # which line of the breakdown it belongs to: tp | pp | dp | step
+    phase: str       # micro_batch (blocking, in every micro-batch) | backward (overlappable with
+                     # backward) | prefetch (overlappable with compute) | exposed (after backward)
+    nbytes: float    # S per call (all-reduce buffer, all-gather output, reduce-scatter input)
+    calls: float     # per optimizer step (fractional for DiLoCo's every-H-steps sync)
+
+
+def ddp_buckets(params: float) -> int:
+    return 1 + math.ceil(max(0.0, params * 4 - DDP_FIRST_BUCKET) / DDP_BUCKET)
+
+
+def collectives(job: Job, lay: Layout) -> list[Collective]:
+    """Every collective one optimizer step issues on the heaviest pipeline stage's device (the
+    last: it holds the output head), as torch 2.x runs suanli's layouts. Counted against real
+    gloo runs by bench/plan_validate.py and tests/test_planner.py."""
+    from suanli.infra.pipeline import split_layers
+
+    cfg, m = job.model, lay.n_micro
+    L = max(split_layers(cfg.n_layers, lay.pp, []))
+    tokens = job.seq_len * lay.micro_batch
+    act = tokens * cfg.dim * job.act_bytes
+    params = stage_params(cfg, lay.pp, lay.tp)
+    out: list[Collective] = []
+    if lay.tp > 1:
+        # Sequence parallel (Korthikanti et al. 2022): per block, forward all-gathers the
+        # sequence before attention and MLP and reduce-scatters after each; backward mirrors
+        # that; a fully recomputed forward repeats its own. The vocab-parallel embedding (first
+        # stage) and output head (last) add one of each per micro-batch.
+        ends = 1 + (1 if lay.pp == 1 else 0)
+        sp = 4 * L + (2 * L if lay.recompute == "full" else 0) + ends
+        out += [Collective("sequence-parallel gather", "all_gather", "tp", "tp", "micro_batch", act, sp * m),
+                Collective("sequence-parallel scatter", "reduce_scatter", "tp", "tp", "micro_batch", act, sp * m),
+                # loss parallel: max, sum of exponentials and target logit over the vocab shards
+                Collective("loss-parallel reductions", "all_reduce", "tp", "tp", "micro_batch", tokens * 4, 3 * m),
+                # the norm of each column-parallel weight's gradient (wq, wk, wv, w1, w3) is
+                # reduced on its own when clipping
+                Collective("clip: sharded grad norms", "all_reduce", "tp", "step", "exposed", 4, 5 * L)]
+    if lay.pp > 1:
+        out += [Collective("stage activations / grads", "p2p", "pp", "pp", "micro_batch", act / lay.tp, 2 * m),
+                Collective("clip: norm across stages", "all_reduce", "pp", "step", "exposed", 4, 1)]
+    if lay.dp_kind == "ddp":
+        grad = grad_sync_bytes(job, lay, params)
+        b = ddp_buckets(params)
+        if lay.comm in ("fp32", "bf16"):
+            out.append(Collective("DDP gradient buckets", "all_reduce", "dp", "dp", "backward", grad / b, b))
+        elif lay.comm == "powersgd":   # torch's hook: rank-1 tensors, P and Q per bucket
+            out.append(Collective("PowerSGD P/Q per bucket", "all_reduce", "dp", "dp", "backward", grad / (3 * b),
+                                  3 * b))
+        elif lay.comm == "diloco":
+            out.append(Collective("DiLoCo pseudo-gradient", "all_reduce", "dp", "dp", "exposed", grad,
+                                  1 / job.diloco_h))
+        else:   # suanli's int8 reduce-scatter (all-to-all) + all-gather, payload and scales each
+            every = 1 / job.diloco_h if lay.comm == "diloco-int8" else 1
+            out += [Collective("int8 reduce-scatter", "all_to_all", "dp", "dp", "exposed", grad / 2, 2 * every),
+                    Collective("int8 all-gather", "all_gather", "dp", "dp", "exposed", grad / 2, 2 * every)]
+    elif lay.dp_kind in ("fsdp", "hsdp"):
+        # One FSDP unit per block plus the root (embedding, head). Without PP each micro-batch
+        # gathers every unit in forward and again in backward (resharded after forward); with
+        # PP the stage keeps them gathered across micro-batches. Gradients are reduce-scattered
+        # on the last micro-batch only (no sync before).
+        units = L + 1
+        gathers = 2 * m if lay.pp == 1 else 1
+        out += [Collective("FSDP parameter gathers", "all_gather", "shard", "dp", "prefetch",
+                           params * job.act_bytes / units, units * gathers),
+                Collective("FSDP gradient reduce-scatter", "reduce_scatter", "shard", "dp", "backward",
+                           grad_sync_bytes(job, lay, params) / units, units),
+                Collective("clip: sharded grad norm", "all_reduce", "shard", "step", "exposed", 4, 1)]
+        if lay.dp_kind == "hsdp":   # torch's replicate all-reduce of each unit's shard, fp32
+            out.append(Collective("HSDP replica all-reduce", "all_reduce", "replicate", "dp", "backward",
+                                  params / lay.dp_shard * 4 / units, units))
+    if job.devices > 1:
+        out.append(Collective("loss for the log", "all_reduce", "world", "step", "exposed", 4, 1))
+    return out
+
+
+def collective_counts(job: Job, lay: Layout) -> dict[str, float]:
+    """Calls per step by kind, as bench/plan_validate.py counts them on a real run."""
+    counts: dict[str, float] = {}
+    for c in collectives(job, lay):
+        counts[c.kind] = counts.get(c.kind, 0) + c.calls
+    return counts
+
+
 # ---------------------------------------------------------------- time
 
 
-def _ring(nbytes: float, n: int, link: Link, concurrent: int = 1, half: bool = False) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    steps = (n - 1) * (1 if half else 2)
-    return steps * link.alpha_s + steps / n * nbytes * link.beta * concurrent
+def _route(hw: Hardware, job: Job, lay: Layout, group: str) -> tuple[int, bool, int]:
+    """(ranks, crosses nodes, rings sharing the slowest hop) of a collective's group. suanli's
+    mesh puts tp innermost, then dp, then pp."""
+    dpn = hw.devices_per_node
+    k = dp_members_per_node(lay.tp, lay.dp, dpn)
+    if group == "tp":
+        n, per_node = lay.tp, min(lay.tp, dpn)
+    elif group in ("dp", "shard"):
+        n, per_node = (lay.dp_shard, k) if lay.dp_kind == "hsdp" and group == "shard" else (lay.dp, k)
+    elif group == "replicate":
+        return lay.dp // lay.dp_shard, True, dpn
+    elif group == "pp":
+        crosses = job.devices > dpn
+        return 2, crosses, min(dpn, lay.tp * lay.dp) if crosses else 1
+    else:
+        n, per_node = job.devices, min(job.devices, dpn)
+    span = n > per_node
+    return n, span, max(1, dpn // per_node) if span else 1
 
 
-def _group_link(hw: Hardware, span_nodes: bool, members_per_node: int) -> tuple[Link, int]:
-    """The slowest hop of a ring and how many rings share it."""
-    if not span_nodes:
-        return hw.intra, 1
-    return hw.inter, max(1, hw.devices_per_node // members_per_node)
+def collective_time(hw: Hardware, job: Job, lay: Layout, c: Collective) -> float:
+    """Seconds per step for all of `c`'s calls."""
+    n, span, conc = _route(hw, job, lay, c.group)
+    return c.calls * hw.link(span, c.kind).cost(c.kind, c.nbytes, n, conc)
 
 
 def powersgd_ratio(cfg: ModelConfig, rank: int, tp: int) -> float:
@@ -474,71 +457,43 @@ def step_time(job: Job, lay: Layout, hw: Hardware) -> dict[str, float]:
     from suanli.bench.flops import hardware_flops_per_token
     from suanli.infra.pipeline import split_layers
 
-    cfg, s, b = job.model, job.seq_len, lay.micro_batch
-    dpn = hw.devices_per_node
-    tokens_mb = s * b
+    cfg, s, b, m = job.model, job.seq_len, lay.micro_batch, lay.n_micro
     # Per-device share of one micro-batch's work on the heaviest stage (the last: it has the head).
     head = 3 * 2 * cfg.dim * cfg.vocab_size   # the output head is never recomputed
     blocks_and_attn = hardware_flops_per_token(cfg, s, lay.recompute) - head
     layers = max(split_layers(cfg.n_layers, lay.pp, []))
-    flops_mb = tokens_mb * (blocks_and_attn * layers / cfg.n_layers + head) / lay.tp
-    compute = flops_mb / hw.flops_per_s
+    compute = s * b * (blocks_and_attn * layers / cfg.n_layers + head) / lay.tp / hw.flops_per_s
+    host = layers * ((hw.host_s_per_layer.get("tp", 0.0) if lay.tp > 1 else 0.0)
+                     + (hw.host_s_per_layer.get("fsdp", 0.0) if lay.dp_kind in ("fsdp", "hsdp") else 0.0))
 
-    # Tensor + sequence parallel (Korthikanti et al. 2022): per layer, forward and backward
-    # each all-gather and reduce-scatter the sequence twice (attention, MLP); a recomputed
-    # forward repeats its four. The vocab-parallel embedding and head add two of each per
-    # micro-batch.
-    tp_link, tp_conc = _group_link(hw, lay.tp > dpn, min(lay.tp, dpn))
-    n_half = layers * (8 + (4 if lay.recompute == "full" else 0)) + 4
-    tp_comm = n_half * _ring(tokens_mb * cfg.dim * job.act_bytes, lay.tp, tp_link, tp_conc, half=True)
-    # Loss parallel reduces the max, the sum of exponentials and the target logit over the
-    # vocab shards, forward and backward: small messages, latency only.
-    tp_comm += 6 * _ring(tokens_mb * 4, lay.tp, tp_link, tp_conc)
-
-    # Pipeline: activations forward and their gradients back, per micro-batch.
-    p2p = 0.0
-    if lay.pp > 1:
-        crosses = job.devices > dpn
-        link = hw.inter if crosses else hw.intra
-        conc = min(dpn, lay.tp * lay.dp) if crosses else 1
-        p2p = 2 * (link.alpha_s + tokens_mb * cfg.dim * job.act_bytes / lay.tp * link.beta * conc)
-    per_mb = compute + tp_comm + p2p
-    pipeline = (lay.n_micro + lay.pp - 1) * per_mb
-    bubble = (lay.pp - 1) * per_mb
-    backward_window = (2 / 3) * compute if hw.overlap else 0.0
-
-    # Data parallel.
-    params = stage_params(cfg, lay.pp, lay.tp)
-    k = dp_members_per_node(lay.tp, lay.dp, dpn)
-    dp_link, dp_conc = _group_link(hw, lay.dp > k, k)
-    dp_comm = 0.0
-    if lay.dp_kind == "ddp":
-        t = _ring(grad_sync_bytes(job, lay, params), lay.dp, dp_link, dp_conc)
-        if lay.comm.startswith("diloco"):
-            t /= job.diloco_h
-        manual = lay.comm in ("int8", "diloco", "diloco-int8")
-        dp_comm = t if manual else max(0.0, t - backward_window)
-    elif lay.dp_kind in ("fsdp", "hsdp"):
-        shard = lay.dp_shard
-        s_link, s_conc = (hw.intra, 1) if lay.dp_kind == "hsdp" else (dp_link, dp_conc)
-        # suanli shards each transformer block and the root as its own FSDP unit: one
-        # collective (one latency) per unit, the bytes split among them.
-        units = layers + 1
-        latency = (shard - 1) * s_link.alpha_s * (units - 1)
-        rs = _ring(grad_sync_bytes(job, lay, params), shard, s_link, s_conc, half=True) + latency
-        gathers = 2 * lay.n_micro if lay.pp == 1 else lay.n_micro
-        ag = gathers * (_ring(params * job.act_bytes, shard, s_link, s_conc, half=True) + latency)
-        ar = 0.0
-        if lay.dp_kind == "hsdp":   # torch's replicate all-reduce of the shard, fp32
-            # one rank per node in each replicate ring, every device of the node in one at once
-            ar = _ring(params / shard * 4, lay.dp // shard, hw.inter, dpn)
-        hidden = lay.n_micro * compute if hw.overlap else 0.0
-        dp_comm = max(0.0, ag - hidden) + max(0.0, rs + ar - backward_window)
-    held = params / lay.dp_shard if lay.dp_kind in ("fsdp", "hsdp") else params
+    t = {"tp": 0.0, "pp": 0.0, "dp_backward": 0.0, "dp_prefetch": 0.0, "dp_exposed": 0.0, "step": 0.0}
+    for c in collectives(job, lay):
+        x = collective_time(hw, job, lay, c)
+        key = f"dp_{c.phase}" if c.part == "dp" else c.part
+        t[key] += x
+    per_mb = compute + host + (t["tp"] + t["pp"]) / m
+    pipeline = (m + lay.pp - 1) * per_mb
+    # What torch overlaps, hidden up to the window × how much of it this backend really hides:
+    # DDP buckets and FSDP reduce-scatters behind the last micro-batch's backward, FSDP's
+    # prefetched gathers behind all compute.
+    eff = hw.overlap_efficiency
+    dp_comm = (max(0.0, t["dp_backward"] - eff * (2 / 3) * compute)
+               + max(0.0, t["dp_prefetch"] - eff * m * compute) + t["dp_exposed"])
+    held = params_held(job, lay)
     optimizer = held * hw.optimizer_s_per_param
-    step = pipeline + dp_comm + optimizer
-    return {"compute": lay.n_micro * compute, "tp_comm": lay.n_micro * tp_comm, "pp_comm": lay.n_micro * p2p,
-            "bubble": bubble, "dp_comm": dp_comm, "optimizer": optimizer, "step": step}
+    codec = 0.0
+    if lay.comm in ("int8", "diloco-int8"):   # the whole gradient is encoded, sharded or not
+        codec = stage_params(cfg, lay.pp, lay.tp) * hw.codec_s_per_param / (
+            job.diloco_h if lay.comm == "diloco-int8" else 1)
+    step = pipeline + dp_comm + codec + t["step"] + optimizer
+    return {"compute": m * compute, "host": m * host, "tp_comm": t["tp"], "pp_comm": t["pp"],
+            "bubble": (lay.pp - 1) * per_mb,
+            "dp_comm": dp_comm, "codec": codec, "step_comm": t["step"], "optimizer": optimizer, "step": step}
+
+
+def params_held(job: Job, lay: Layout) -> float:
+    params = stage_params(job.model, lay.pp, lay.tp)
+    return params / lay.dp_shard if lay.dp_kind in ("fsdp", "hsdp") else params
 
 
 # ---------------------------------------------------------------- plan
@@ -643,5 +598,6 @@ def to_toml(job: Job, pred: Prediction, model_name: str) -> str:
 
 
 __all__ = ["Link", "Topology", "read_topology", "write_topology", "topology_from_dict", "probe_topology",
-           "fit_alpha_beta", "Hardware", "hardware", "Layout", "Job", "make_job", "enumerate_layouts", "memory",
+           "fit_alpha_beta", "probe_in_step", "KINDS", "Collective", "collectives", "collective_counts", "Hardware",
+           "hardware", "Layout", "Job", "make_job", "enumerate_layouts", "memory",
            "step_time", "predict", "plan", "to_toml", "DEVICE_MEMORY_GIB", "Prediction"]

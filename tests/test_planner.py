@@ -8,8 +8,9 @@ from conftest import json_lines, run_workers
 from suanli.cli import main as cli_main
 from suanli.infra.config import load_config
 from suanli.infra.model import count_params, preset
-from suanli.infra.planner import (GiB, Job, Layout, Link, Topology, activation_values_per_token, fit_alpha_beta,
-                                  hardware, make_job, memory, plan, read_topology, stage_params, write_topology)
+from suanli.infra.planner import (GiB, Job, Layout, Link, Topology, activation_values_per_token, collective_counts,
+                                  fit_alpha_beta, hardware, make_job, memory, plan, predict, read_topology,
+                                  stage_params, topology_from_dict, write_topology)
 
 
 def h100(inter_gbps, dpn=8):
@@ -125,3 +126,76 @@ def test_probe_topology_on_two_processes(tmp_path):
     topo = read_topology(path)
     assert topo.inter.bandwidth_gbps > 0 and topo.inter.alpha_s >= 0
     assert len(topo.measured["inter_node"]["samples"]) == 3
+
+
+@pytest.mark.parametrize("name", ["dp2 fsdp fp32", "tp2"])
+def test_collectives_per_step_match_a_real_two_process_gloo_run(name):
+    """The planner's inventory (calls per step by kind) against what 2 gloo processes running
+    that layout really issue in one step, counted by plan_validate's dispatch-mode counter."""
+    from suanli.bench.plan_validate import BASE, CASES, _launch, layout_of
+
+    case = next(c for c in CASES if c.name == name)
+    t = load_config(None, BASE).train
+    got = _launch({"overrides": case.overrides, "steps": 1}, case.nproc)["collectives"]
+    job = Job(preset("tiny"), case.nproc, t.seq_len, t.global_batch, "fp32")
+    want = {k: round(v) for k, v in collective_counts(job, layout_of(case, t.micro_batch, t.global_batch)).items()}
+    assert got == want
+    assert (want["all_gather"], want["reduce_scatter"]) == ((40, 5) if case.dp_kind == "fsdp" else (144, 144))
+
+
+def _cpu_like(topo_kinds: dict | None = None, overlap: float = 1.0):
+    from suanli.infra.planner import Hardware
+
+    link = Link(100e-6, 10.0)
+    return Hardware("cpu", 5e10, 1e12, 2, link, link, overlap, kinds={"intra_node": topo_kinds or {}})
+
+
+def test_per_kind_latency_and_overlap_efficiency_drive_the_prediction():
+    job = Job(preset("tiny"), 2, 128, 16, "fp32")
+    fsdp = Layout(1, 1, 2, "fsdp", 2, 2, 4, "none", "fp32")
+    tp = Layout(2, 1, 1, "none", 1, 2, 8, "none", "fp32")
+    ddp = Layout(1, 1, 2, "ddp", 1, 2, 4, "none", "fp32")
+    base = {lay: predict(job, lay, _cpu_like(overlap=0.0)).time for lay in (fsdp, tp, ddp)}
+    # A slow in-step all-gather (as gloo on busy shared cores shows) costs each call its alpha:
+    # FSDP's 40 gathers and TP's 144 per step pay it, in proportion.
+    slow = _cpu_like({"all_gather": Link(5e-3, 10.0)}, overlap=0.0)
+    for lay, calls in ((fsdp, 40), (tp, 144)):
+        extra = predict(job, lay, slow).time["step"] - base[lay]["step"]
+        assert extra == pytest.approx(calls * (5e-3 - 100e-6), rel=0.02)
+    assert predict(job, ddp, slow).time["step"] == pytest.approx(base[ddp]["step"])   # DDP gathers nothing
+    # Overlap is the backend's: full efficiency hides DDP's buckets behind backward, none hides nothing.
+    hidden = predict(job, ddp, _cpu_like(overlap=1.0)).time
+    assert hidden["dp_comm"] < base[ddp]["dp_comm"] and base[ddp]["dp_comm"] > 0
+
+
+def test_topology_per_kind_fields_roundtrip_and_errors(tmp_path):
+    topo = Topology(Link(5e-6, 3600.0), Link(2e-5, 25.0), 8, kinds={"inter_node": {"all_gather": Link(4e-5, 20.0)}},
+                    overlap_efficiency=0.3)
+    path = tmp_path / "t.json"
+    write_topology(topo, path)
+    back = read_topology(path)
+    assert back.kinds == topo.kinds and back.overlap_efficiency == 0.3
+    hw = hardware("h100", 8, None, None, topology=back)
+    assert hw.link(True, "all_gather") == Link(4e-5, 20.0) and hw.link(True, "all_reduce") == Link(2e-5, 25.0)
+    assert hw.overlap_efficiency == 0.3
+    # a flag that overrides the inter-node bandwidth retires that class's measured per-kind figures
+    assert hardware("h100", 8, None, 50.0, topology=back).link(True, "all_gather").bandwidth_gbps == 50.0
+    d = topo.to_dict()
+    for key, value, message in ((("collectives", "inter_node", "gather"), {}, "collectives.inter_node.gather: unknown"),
+                                (("overlap_efficiency",), 1.5, "overlap_efficiency: expected a number in \\[0, 1\\]")):
+        bad = json.loads(json.dumps(d))
+        target = bad
+        for k in key[:-1]:
+            target = target[k]
+        target[key[-1]] = value
+        with pytest.raises(ValueError, match=message):
+            topology_from_dict(bad)
+
+
+def test_7b_on_h100s_over_ethernet_keeps_tp_inside_nodes():
+    ranked = plan(make_job("7b", 64, 4096, 512), hardware("h100", 8, 900.0, 25.0))
+    assert all(p.layout.tp <= 8 for p in ranked[:10])          # no TP group leaves its node
+    assert all(p.layout.pp * p.layout.dp >= 8 for p in ranked[:10])   # the 8 nodes are spanned by PP/DP
+    # blocking TP collectives are counted per micro-batch: a layout's TP time grows with them
+    tp2 = next(p for p in ranked if p.layout.tp == 2)
+    assert tp2.time["tp_comm"] > 0 and ranked[0].time["step"] <= tp2.time["step"]
