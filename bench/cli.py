@@ -95,18 +95,31 @@ def run_mfu_cmd(args) -> int:
 # ---- comm ----
 def add_comm(p) -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes (one per device)")
-    p.add_argument("--op", default="all_reduce", choices=["all_reduce", "all_gather", "reduce_scatter", "broadcast"])
+    p.add_argument("--ops", "--op", dest="ops", default=["all_reduce"], type=_csv,
+                   help="comma-separated: all_reduce,all_gather,reduce_scatter,all_to_all,broadcast,p2p")
     p.add_argument("--sizes", default="1K,64K,1M,16M", type=_csv, help="message sizes in bytes (K, M, G suffixes)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed iterations per size")
+    p.add_argument("--group-size", type=int, default=0,
+                   help="measure inside blocks of this many consecutive ranks, all blocks at once (0: whole world)")
+    p.add_argument("--topology-out", default="", metavar="FILE",
+                   help="also probe the link classes and write the topology file `suanli plan --topology` reads")
     p.add_argument("--json", action="store_true")
 
 
 def run_comm_cmd(args) -> int:
-    from suanli.bench.comm import CommSpec, format_comm, parse_size, run_comm
+    from suanli.bench.comm import BUS_FACTOR, CommSpec, format_comm, parse_size, run_comm
 
-    spec = CommSpec(op=args.op, sizes=[parse_size(s) for s in args.sizes], min_time_s=args.min_time)
-    result = run_comm(spec, args.nproc)
-    _emit(result, args.json, format_comm(result))
+    bad = [op for op in args.ops if op not in BUS_FACTOR]
+    if bad:
+        raise SystemExit(f"suanli bench comm --ops: {', '.join(bad)} not among {', '.join(BUS_FACTOR)}")
+    sizes = [parse_size(s) for s in args.sizes]
+    results = []
+    for i, op in enumerate(args.ops):
+        # The topology probe runs once, with the last op's processes.
+        topo = args.topology_out if i == len(args.ops) - 1 else ""
+        spec = CommSpec(op=op, sizes=sizes, min_time_s=args.min_time, group_size=args.group_size, topology_out=topo)
+        results.append(run_comm(spec, args.nproc))
+    _emit(results[0] if len(results) == 1 else results, args.json, "\n\n".join(format_comm(r) for r in results))
     return 0
 
 
@@ -181,6 +194,8 @@ BENCH_COMMANDS = {
     "checkpoint": ("what an async checkpoint costs the training loop",
                    _lazy("suanli.bench.checkpoint:add_checkpoint_args"),
                    _lazy("suanli.bench.checkpoint:run_checkpoint_cmd")),
+    "recovery": ("fault -> detection -> resumed step: suanli vs torchrun vs Ray Train, same job and faults",
+                 _lazy("suanli.bench.recovery:add_recovery_args"), _lazy("suanli.bench.recovery:run_recovery_cmd")),
     "suite": ("peak + comm + MFU sweep into a dated report directory", add_suite, run_suite_cmd),
 }
 
