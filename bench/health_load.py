@@ -3,6 +3,7 @@
     python -m suanli.bench.health_load --ranks 10000 --duration 60
     python -m suanli.bench.health_load --sweep 1000,2000,5000,10000 --out bench/results/health-load.md
     python -m suanli.bench.health_load --server bare --sweep 2000,5000,10000 --out bench/results/health-load-control.md
+    python -m suanli.bench.health_load --ranks-per-node 8 --sweep 2000,5000,10000 --out bench/results/health-load-relay.md
 
 One daemon process (`suanli health serve` with its defaults: 1 s interval, 3 s dead
 timeout, sweeps every 0.5 s, member snapshots every 2 s) and load-generator processes, each
@@ -18,6 +19,14 @@ grpc would, but all heartbeats due in the same 5 ms slot go out in one socket wr
 generator costs a few microseconds per heartbeat instead of grpc Python's ~100; on two
 shared cores that is the difference between measuring the daemon and measuring the load
 generator. `--client aio` uses grpc.aio (one call per rank) as a cross-check.
+
+Node mode (`--ranks-per-node N`): what the daemon sees when every node runs the relay
+(`suanli health agent --relay-bind`): one ReportBatch stream per simulated node, one
+HeartbeatBatch a second holding its N ranks' heartbeats and its node heartbeat, at the
+node's phase. Latency = batch write -> ack (every `--ack-every`-th batch of a node asks for
+an ack). The killed rank is dropped from its node's batches, as the relay drops a rank
+whose stream ended. The relay hop itself (real agent, real reporters) is measured by
+bench/health_relay_hop.py.
 
 Control (`--server bare`): the same load against a grpc.aio server with the daemon's
 options that only stores each heartbeat. It separates what gRPC in Python costs from what
@@ -71,6 +80,7 @@ class GenResult:
     killed_at: float = 0.0
     cpu_s: float = 0.0
     flow_blocked: int = 0     # heartbeats that waited for the daemon's HTTP/2 flow-control window
+    window_heartbeats: int = 0   # rank heartbeats sent inside the measurement window
 
 
 class SimRank:
@@ -84,7 +94,8 @@ class SimRank:
         self.next_t, self.seq = self.start, 0
         self.kill_at = t0 + a.ramp + a.settle + a.duration / 2 if rank == a.kill_rank else None
         step_time = 1.0 + rng.uniform(-0.03, 0.03)   # peers within 3%: no stragglers
-        self.hb = pb.Heartbeat(job=a.job, rank=rank, world_size=a.total, node=f"sim{rank // 8:05d}",
+        node = f"sim{rank // (a.ranks_per_node or 8):05d}"
+        self.hb = pb.Heartbeat(job=a.job, rank=rank, world_size=a.total, node=node,
                                pid=100_000 + rank, phase=pb.PHASE_FORWARD, step_time_s=step_time,
                                tokens_per_s=4096 / step_time, run_dir="/sim")
 
@@ -98,6 +109,53 @@ class SimRank:
         else:
             hb.ClearField("host")
         return hb
+
+    def final(self) -> bytes | None:
+        """The clean finish (phase done: never reported dead); None for the killed rank."""
+        from suanli.fault.proto import health_pb2 as pb
+
+        if self.kill_at is not None:
+            return None
+        self.hb.phase, self.hb.ack = pb.PHASE_DONE, False
+        return self.hb.SerializeToString()
+
+
+class SimNode:
+    """node mode: one simulated node relay, one ReportBatch stream, one batch of its ranks'
+    heartbeats (plus its node heartbeat) a second at its phase. The killed rank is simply
+    left out of the batches from kill_at on, as a relay does when a rank's stream ends."""
+
+    def __init__(self, ranks: list[SimRank], a) -> None:
+        from suanli.fault.proto import health_pb2 as pb
+
+        self.ranks, self.rank = ranks, ranks[0].rank
+        # Phase: the node's first rank's start, spread over the ramp like the per-rank starts.
+        self.start = self.next_t = min(r.start for r in ranks)
+        self.seq = 0
+        self.kill_at = min((r.kill_at for r in ranks if r.kill_at is not None), default=None)
+        # Host metrics every time, as the agent sends them.
+        self.node = pb.NodeHeartbeat(node=ranks[0].hb.node, pid=90_000 + self.rank, host=HOST)
+
+    def beat(self, now: float, ack: bool):
+        from suanli.fault.proto import health_pb2 as pb
+
+        self.seq += 1
+        self.node.seq, self.node.sent_unix = self.seq, now
+        batch = pb.HeartbeatBatch(seq=self.seq, sent_unix=now, ack=ack, node=self.node)
+        batch.heartbeats.extend(r.beat(now, False) for r in self.ranks)
+        return batch
+
+    def drop_killed(self) -> None:
+        self.ranks = [r for r in self.ranks if r.kill_at is None]
+        self.kill_at = None
+
+    def final(self) -> bytes | None:
+        from suanli.fault.proto import health_pb2 as pb
+
+        self.node.leaving = True   # the relay's clean goodbye: its node is not dead either
+        batch = pb.HeartbeatBatch(seq=self.seq + 1, node=self.node)
+        batch.heartbeats.extend(pb.Heartbeat.FromString(m) for m in (r.final() for r in self.ranks) if m is not None)
+        return batch.SerializeToString()
 
 
 def _host():
@@ -132,6 +190,7 @@ async def _rank_stream(stub, sim: SimRank, a, res: GenResult) -> None:
             in_window = a.win0 <= now < a.win1
             if in_window:
                 res.lag_ms.append((now - sim.next_t) * 1e3)
+                res.window_heartbeats += 1
             t = time.perf_counter()
             await call.write(hb)
             res.sent += 1
@@ -179,7 +238,9 @@ def _literal(name: str, value: str) -> bytes:
 
 
 class H2Client(asyncio.Protocol):
-    def __init__(self, sims: list[SimRank], a, res: GenResult) -> None:
+    def __init__(self, sims: list, a, res: GenResult) -> None:
+        from suanli.fault.proto import health_pb2 as pb
+
         self.sims, self.a, self.res = sims, a, res
         self.buf = b""
         self.streams: dict[int, SimRank] = {}
@@ -191,9 +252,13 @@ class H2Client(asyncio.Protocol):
         self.next_stream = 1
         self.sid_of: dict[int, int] = {}
         self.finishing = False
+        self.ended = self.finishing_streams = 0   # streams closed by the daemon after our goodbye
         self.transport = None
+        self.nodes = bool(a.ranks_per_node)
+        self.reply_cls = pb.ReportBatchReply if self.nodes else pb.ReportReply
+        method = "ReportBatch" if self.nodes else "Report"
         self.headers = b"".join(_literal(k, v) for k, v in (
-            (":method", "POST"), (":scheme", "http"), (":path", "/suanli.health.v1.Health/Report"),
+            (":method", "POST"), (":scheme", "http"), (":path", f"/suanli.health.v1.Health/{method}"),
             (":authority", a.addr), ("content-type", "application/grpc"), ("te", "trailers")))
 
     def connection_made(self, transport) -> None:
@@ -221,8 +286,11 @@ class H2Client(asyncio.Protocol):
             payload, buf = buf[9:9 + n], buf[9 + n:]
             if kind == DATA:
                 self._data(sid, payload)
-            elif kind == HEADERS and flags & END_STREAM and sid in self.streams and not self.finishing:
-                self.error(f"the daemon ended rank {self.streams[sid].rank}'s stream")
+            elif kind == HEADERS and flags & END_STREAM and sid in self.streams:
+                if self.finishing:
+                    self.ended += 1
+                else:
+                    self.error(f"the daemon ended rank {self.streams[sid].rank}'s stream")
             elif kind == SETTINGS and not flags & ACK:
                 for i in range(0, len(payload), 6):
                     if int.from_bytes(payload[i:i + 2], "big") == 0x4:
@@ -244,12 +312,10 @@ class H2Client(asyncio.Protocol):
         self.buf = buf
 
     def _data(self, sid: int, payload: bytes) -> None:
-        from suanli.fault.proto import health_pb2 as pb
-
         buf = self.rx.get(sid, b"") + payload
         while len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[1:5], "big"):
             n = int.from_bytes(buf[1:5], "big")
-            reply = pb.ReportReply.FromString(buf[5:5 + n])
+            reply = self.reply_cls.FromString(buf[5:5 + n])
             buf = buf[5 + n:]
             t = self.pending.pop((sid, reply.seq), None)
             if t is not None and t[1]:
@@ -282,12 +348,16 @@ class H2Client(asyncio.Protocol):
         if out:
             self.transport.write(b"".join(out))
 
-    def beat(self, sim: SimRank, now: float, out: list) -> None:
-        """Queue this rank's next heartbeat (opening its stream first, or resetting it if
-        this is the rank the run kills)."""
+    def beat(self, sim, now: float, out: list) -> None:
+        """Queue this rank's (node's) next heartbeat (batch), opening its stream first, or
+        resetting it if this is the rank the run kills (dropping the rank from the node's
+        batches in node mode)."""
         a, res = self.a, self.res
         sid = self.sid_of.get(sim.rank)
-        if sim.kill_at is not None and now >= sim.kill_at:
+        if self.nodes and sim.kill_at is not None and now >= sim.kill_at:
+            sim.drop_killed()
+            res.killed_at = now
+        elif sim.kill_at is not None and now >= sim.kill_at:
             if sid is not None:   # CANCEL, as the kernel's RST ends a killed process's stream
                 out.append(_frame(RST_STREAM, 0, sid, (0x8).to_bytes(4, "big")))
             res.killed_at = now
@@ -302,6 +372,7 @@ class H2Client(asyncio.Protocol):
         in_window = a.win0 <= now < a.win1
         if in_window:
             res.lag_ms.append((now - sim.next_t) * 1e3)
+            res.window_heartbeats += len(sim.ranks) if self.nodes else 1
         if hb.ack:
             self.pending[(sid, sim.seq)] = (time.perf_counter(), in_window)
         frame = self.send_data(sid, hb.SerializeToString())
@@ -311,15 +382,13 @@ class H2Client(asyncio.Protocol):
         sim.next_t += INTERVAL_S
 
     def finish(self) -> None:
-        from suanli.fault.proto import health_pb2 as pb
-
         out, self.finishing = [], True
         for sim in self.sims:   # a clean finish: never reported dead
-            sid = self.sid_of.get(sim.rank)
-            if sid is None or sim.kill_at is not None:
+            sid, last = self.sid_of.get(sim.rank), sim.final()
+            if sid is None or last is None:
                 continue
-            sim.hb.phase, sim.hb.ack = pb.PHASE_DONE, False
-            for frame in (self.send_data(sid, sim.hb.SerializeToString()), self.send_data(sid, b"", END_STREAM)):
+            self.finishing_streams += 1
+            for frame in (self.send_data(sid, last), self.send_data(sid, b"", END_STREAM)):
                 if frame is not None:
                     out.append(frame)
         self.transport.write(b"".join(out))
@@ -346,11 +415,14 @@ async def _run_h2(conns: list[H2Client], a) -> None:
                 c.transport.write(b"".join(out))
     for c in conns:
         c.finish()
-    for _ in range(200):   # let flow-control-blocked frames drain
-        if not any(c.blocked for c in conns):
+    # Until the daemon has answered every goodbye (phase done): a busy daemon reads slowly,
+    # and what is still in our buffers when the process exits would be lost, making
+    # finished ranks look dead.
+    for _ in range(3000):
+        if all(c.ended >= c.finishing_streams for c in conns):
             break
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.2)
     for c in conns:
         c.transport.close()
 
@@ -378,6 +450,9 @@ async def _generate(a) -> GenResult:
 
     marks = [asyncio.create_task(cpu_mark(a.win0)), asyncio.create_task(cpu_mark(a.win1))]
     sims = [SimRank(r, a, t0) for r in range(a.first, a.first + a.count)]
+    if a.ranks_per_node:
+        n = a.ranks_per_node
+        sims = [SimNode(sims[i:i + n], a) for i in range(0, len(sims), n)]
     if a.client == "aio":
         await asyncio.gather(*(_rank_stream(stubs[i % len(stubs)], s, a, res) for i, s in enumerate(sims)))
     else:
@@ -503,6 +578,8 @@ def run_once(ranks: int, a) -> dict:
                     raise RuntimeError(f"daemon did not start; see {tmp / 'daemon.log'}")
                 time.sleep(0.2)
         per = -(-ranks // a.clients)
+        if a.ranks_per_node:   # a node's ranks stay in one generator
+            per = -(-per // a.ranks_per_node) * a.ranks_per_node
         kill_rank = ranks // 2
         for g in range(a.clients):
             first, count = g * per, min(per, ranks - g * per)
@@ -511,6 +588,7 @@ def run_once(ranks: int, a) -> dict:
                  "--first", str(first), "--count", str(count), "--total", str(ranks), "--channels", str(a.channels),
                  "--ack-every", str(a.ack_every), "--ramp", str(a.ramp), "--settle", str(a.settle),
                  "--duration", str(a.duration), "--kill-rank", str(kill_rank), "--client", a.client,
+                 "--ranks-per-node", str(a.ranks_per_node),
                  "--result", str(tmp / f"gen{g}.json")],
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for g in gens:
@@ -563,7 +641,8 @@ def run_once(ranks: int, a) -> dict:
     detect = dead[0]["time"] - killed_at if dead and killed_at else None
     out = {
         "ranks": ranks, "server": a.server, "client": a.client, "connected_at_window_start": connected,
-        "window_s": round(w1 - w0, 1), "sent_per_s": round(len(lag) / a.duration, 1),
+        "window_s": round(w1 - w0, 1), "sent_per_s": round(sum(r.window_heartbeats for r in results) / a.duration, 1),
+        "ranks_per_node": a.ranks_per_node,
         "daemon_reports_per_s": None if bare else round((reports1 - reports0) / (w1 - w0), 1),
         "latency_samples": len(lat), "p50_ms": _pct(lat, 0.50), "p99_ms": _pct(lat, 0.99), "max_ms": max(lat, default=None),
         "daemon_delay_p99_ms_at_most": _p99_bound_ms(delay0, delay1),
@@ -613,12 +692,12 @@ def markdown(runs: list[dict], command: str) -> str:
         f"- targets: p99 report latency < {TARGET_P99_MS:g} ms, zero false events, killed rank dead within "
         f"{DEAD_TIMEOUT_S:g} s timeout + 1 s",
         f"- **largest rank count held: {max(held) if held else 'none of those tried'}**", "",
-        "| ranks | server | client | held | heartbeats/s | p50 ms | p99 ms | max ms | samples | daemon-side p99 ms <= | false events | "
+        "| ranks | ranks/stream | server | client | held | heartbeats/s | p50 ms | p99 ms | max ms | samples | daemon-side p99 ms <= | false events | "
         "dead detected after s | daemon CPU % | generators CPU % | daemon RSS MiB | gen lag p99 ms | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        lines.append(f"| {r['ranks']} | {r['server']} | {r['client']} | {'yes' if r['held'] else 'no'} | {r['sent_per_s']:.0f} | "
+        lines.append(f"| {r['ranks']} | {r.get('ranks_per_node') or 1} | {r['server']} | {r['client']} | {'yes' if r['held'] else 'no'} | {r['sent_per_s']:.0f} | "
                      f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {r['latency_samples']} | "
                      f"{fmt(r['daemon_delay_p99_ms_at_most'], '{:g}')} | "
                      f"{r['false_events']} | {fmt(r['killed_rank_dead_after_s'], '{:.2f}')} | {r['daemon_cpu_pct']} | "
@@ -642,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["h2", "aio"], default="h2",
                     help="h2: the built-in HTTP/2 gRPC client, cheap enough to share two cores with the daemon "
                          "(default); aio: grpc.aio, one call per rank (costs the generator ~100 us per heartbeat)")
+    ap.add_argument("--ranks-per-node", type=int, default=0, metavar="N",
+                    help="node mode: N ranks per simulated node relay, which sends one HeartbeatBatch of its ranks a "
+                         "second on one ReportBatch stream (default 0: every rank has its own Report stream)")
     ap.add_argument("--server", choices=["daemon", "bare"], default="daemon",
                     help="daemon: `suanli health serve` (default); bare: the control, a grpc.aio server that only "
                          "stores heartbeats (no detectors, journal or metrics)")
@@ -664,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.ack_every < 1 or a.channels < 1 or a.clients < 1:
         raise SystemExit("--ack-every, --channels and --clients must be at least 1")
+    if a.ranks_per_node < 0 or (a.ranks_per_node and (a.client != "h2" or a.server != "daemon")):
+        raise SystemExit(f"--ranks-per-node {a.ranks_per_node}: must be >= 0, and node mode needs --client h2 and "
+                         f"--server daemon (the control and the aio client speak per-rank Report only)")
     counts = [int(x) for x in a.sweep.split(",")] if a.sweep else [a.ranks]
     runs = []
     for n in counts:

@@ -51,8 +51,17 @@ def add_health_parser(sub) -> None:
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
     ev.set_defaults(func=_health_events)
 
-    ag = hs.add_parser("agent", help="report this node's host and device health to the daemon")
-    client_args(ag)
+    ag = hs.add_parser("agent", help="report this node's host and device health to the daemon; with --relay-bind, "
+                                     "also relay the node's rank heartbeats to it on one stream")
+    ag.add_argument("--addr", "--daemon", dest="addr", default=addr_default,
+                    help="daemon HOST:PORT (default: $SUANLI_HEALTH_ADDR or %(default)s)")
+    ag.add_argument("--token-file", default=token_default, help="file holding the daemon's token")
+    ag.add_argument("--tls-ca", help="CA certificate (PEM) when the daemon uses TLS")
+    ag.add_argument("--relay-bind", metavar="HOST:PORT",
+                    help="serve Report here for this node's ranks (reporters: SUANLI_HEALTH_RELAY=HOST:PORT) and "
+                         "forward their heartbeats in batches on one stream (off unless given)")
+    ag.add_argument("--relay-window", type=float, default=0.005, metavar="SECONDS",
+                    help="heartbeats arriving this close together go upstream as one batch (default %(default)s)")
     ag.add_argument("--node", help="node name (default: hostname)")
     ag.add_argument("--interval", type=float, default=1.0, help="seconds between reports (default 1)")
     ag.add_argument("--disk", default="/", help="filesystem whose free space is watched (default /)")
@@ -111,7 +120,8 @@ def _health_agent(args) -> int:
     from suanli.fault.health.auth import read_token
 
     return run_agent_foreground(addr=args.addr, node=args.node, interval_s=args.interval,
-                                token=read_token(args.token_file), tls_ca=args.tls_ca, disk_path=args.disk)
+                                token=read_token(args.token_file), tls_ca=args.tls_ca, disk_path=args.disk,
+                                relay_bind=args.relay_bind, relay_window=args.relay_window)
 
 
 def add_ckpt_parser(sub) -> None:

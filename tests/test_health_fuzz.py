@@ -30,6 +30,7 @@ def raw(daemon):
     ch = grpc.insecure_channel(daemon.address)
     calls = {name: ch.unary_unary(SVC + name) for name in ("ReportOnce", "ReportNode", "Status")}
     calls["Report"] = ch.stream_stream(SVC + "Report")
+    calls["ReportBatch"] = ch.stream_stream(SVC + "ReportBatch")
     calls["Watch"] = ch.unary_stream(SVC + "Watch")
     yield calls
     ch.close()
@@ -50,6 +51,7 @@ def send_everywhere(raw, data: bytes) -> set:
         code_of(lambda: raw["Status"](data, timeout=10)),
         code_of(lambda: list(raw["Watch"](data, timeout=10))),
         code_of(lambda: list(raw["Report"](iter([data, data]), timeout=10))),
+        code_of(lambda: list(raw["ReportBatch"](iter([data, data]), timeout=10))),
     }
 
 
@@ -94,9 +96,13 @@ finite = st.floats(allow_nan=True, allow_infinity=True)
                    disk_free_bytes=st.integers(-2**63, 2**63 - 1))))
 def test_absurd_field_values(daemon, raw, hb):
     data = hb.SerializeToString()
+    ok = pb.Heartbeat(job="fine", rank=0, node="n", pid=1)
+    # A relay's batch with the absurd heartbeat among good ones: judged the same way.
+    batch = pb.HeartbeatBatch(seq=1, heartbeats=[ok, hb, ok]).SerializeToString()
     codes = {code_of(lambda: raw["ReportOnce"](data, timeout=10)),
              code_of(lambda: list(raw["Report"](iter([data]), timeout=10)))}
     assert codes <= {OK, BAD, BIG}
+    assert code_of(lambda: list(raw["ReportBatch"](iter([batch]), timeout=10))) in codes | {BIG}
 
 
 def test_oversize_messages_and_the_daemon_keeps_serving(daemon, raw):
@@ -104,6 +110,38 @@ def test_oversize_messages_and_the_daemon_keeps_serving(daemon, raw):
     assert code_of(lambda: raw["ReportOnce"](big, timeout=10)) == BIG
     assert code_of(lambda: list(raw["Report"](iter([big]), timeout=10))) == BIG
     assert code_of(lambda: raw["ReportNode"](b"\x0a" + b"\xff" * 20_000, timeout=10)) == BIG
+    many = pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(job="big", rank=r, node="n") for r in range(2000)])
+    assert code_of(lambda: list(raw["ReportBatch"](iter([many.SerializeToString()]), timeout=10))) == BIG
+    still_serving(daemon)
+
+
+@FUZZ
+@given(st.lists(st.builds(pb.Heartbeat, job=st.sampled_from(["j", "", "a b"]), rank=st.integers(-3, 5),
+                          world_size=st.integers(-1, 6), node=st.sampled_from(["n", "", "x y"]),
+                          step=st.integers(-2, 2)), max_size=20),
+       st.booleans())
+def test_relay_batches_bad_anywhere_are_refused_whole(daemon, raw, hbs, with_node):
+    batch = pb.HeartbeatBatch(seq=9, heartbeats=hbs, ack=True)
+    if with_node:
+        batch.node.CopyFrom(pb.NodeHeartbeat(node="fuzz-node", pid=1))
+    from suanli.fault.health.validate import check_batch
+
+    expect = BAD if check_batch(batch) else OK
+    assert code_of(lambda: list(raw["ReportBatch"](iter([batch.SerializeToString()]), timeout=10))) == expect
+
+
+def test_batch_error_names_the_heartbeat_and_field(daemon, raw):
+    bad = pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(job="ok", rank=0, node="n"),
+                                        pb.Heartbeat(job="ok", rank=3, node="n", world_size=2)])
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw["ReportBatch"](iter([bad.SerializeToString()]), timeout=10))
+    assert e.value.code() == BAD
+    assert "heartbeat_batch.heartbeats[1] (job 'ok', rank 3): heartbeat.rank=3: must be below world_size=2" \
+        in e.value.details()
+    too_many = pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(job="ok", rank=0, node="n")] * 1025)
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw["ReportBatch"](iter([too_many.SerializeToString()]), timeout=10))
+    assert e.value.code() == BAD and "at most 1024" in e.value.details()
     still_serving(daemon)
 
 

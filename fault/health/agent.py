@@ -1,7 +1,9 @@
 """The per-node agent (`suanli health agent`): reports the node's host metrics (psutil) and
 device health (the HAL) to the daemon every interval, so a node whose ranks are all gone
 still says whether it is too hot, out of memory or out of disk. Stops cleanly (a final
-`leaving` heartbeat) on SIGINT/SIGTERM or when `stop` is set."""
+`leaving` heartbeat) on SIGINT/SIGTERM or when `stop` is set. With `--relay-bind` it is
+also the node's relay (relay.py): its ranks report to it and it forwards them upstream in
+batches, its own heartbeat riding along."""
 
 from __future__ import annotations
 
@@ -55,10 +57,16 @@ def run_agent(addr: str, node: str | None = None, interval_s: float = 1.0, token
         channel.close()
 
 
-def run_agent_foreground(**kwargs) -> int:
+def run_agent_foreground(relay_bind: str | None = None, relay_window: float = 0.005, **kwargs) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"suanli health agent: reporting node {kwargs.get('node') or socket.gethostname()} to {kwargs['addr']}",
-          flush=True)
+    node = kwargs.get("node") or socket.gethostname()
+    if relay_bind:
+        from suanli.fault.health.relay import run_relay
+
+        ready = lambda r: print(f"suanli health agent: node {node} relaying ranks from {r.address} to "
+                                f"{kwargs['addr']}", flush=True)
+        return run_relay(relay_bind=relay_bind, window_s=relay_window, stop=stop, on_ready=ready, **kwargs)
+    print(f"suanli health agent: reporting node {node} to {kwargs['addr']}", flush=True)
     return run_agent(stop=stop, **kwargs)

@@ -19,6 +19,7 @@ from suanli.fault.proto import health_pb2_grpc as pbg
 DEFAULT_ADDR = "127.0.0.1:50051"
 ADDR_ENV = "SUANLI_HEALTH_ADDR"
 TOKEN_FILE_ENV = "SUANLI_HEALTH_TOKEN_FILE"
+RELAY_ENV = "SUANLI_HEALTH_RELAY"   # this node's relay (`suanli health agent --relay-bind`)
 
 CHANNEL_OPTIONS = [
     # gRPC's default reconnect backoff grows to 2 minutes; a restarted daemon must get

@@ -99,12 +99,13 @@ def evaluate(members: Iterable[Member], now: float, cfg: DetectorConfig, lag_s: 
     out: Conditions = defaultdict(dict)
     jobs: dict[str, list[Member]] = defaultdict(list)
     dead_after = cfg.dead_timeout + lag_s
-    for m in members:
-        if m.done:
+    seen_by = now - dead_after    # last_seen below this: dead (one comparison per member)
+    done = pb.PHASE_DONE
+    for m in members:   # the daemon runs this on its event loop: ~1 us a member matters
+        if m.phase == done:
             continue
-        age = now - m.last_seen
-        if age > dead_after:
-            out[m]["dead"] = f"no heartbeat for {age:.1f} s (timeout {cfg.dead_timeout:g} s)"
+        if m.last_seen < seen_by:
+            out[m]["dead"] = f"no heartbeat for {now - m.last_seen:.1f} s (timeout {cfg.dead_timeout:g} s)"
         else:
             if m.health_problems:
                 out[m]["unhealthy"] = m.health_problems

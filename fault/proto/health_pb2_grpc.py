@@ -49,6 +49,11 @@ class HealthStub:
                 request_serializer=suanli_dot_fault_dot_proto_dot_health__pb2.NodeHeartbeat.SerializeToString,
                 response_deserializer=suanli_dot_fault_dot_proto_dot_health__pb2.ReportReply.FromString,
                 _registered_method=True)
+        self.ReportBatch = channel.stream_stream(
+                '/suanli.health.v1.Health/ReportBatch',
+                request_serializer=suanli_dot_fault_dot_proto_dot_health__pb2.HeartbeatBatch.SerializeToString,
+                response_deserializer=suanli_dot_fault_dot_proto_dot_health__pb2.ReportBatchReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/suanli.health.v1.Health/Status',
                 request_serializer=suanli_dot_fault_dot_proto_dot_health__pb2.StatusRequest.SerializeToString,
@@ -82,6 +87,13 @@ class HealthServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportBatch(self, request_iterator, context):
+        """One stream per node relay; replies go out only when there is something to route back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -111,6 +123,11 @@ def add_HealthServicer_to_server(servicer, server):
                     servicer.ReportNode,
                     request_deserializer=suanli_dot_fault_dot_proto_dot_health__pb2.NodeHeartbeat.FromString,
                     response_serializer=suanli_dot_fault_dot_proto_dot_health__pb2.ReportReply.SerializeToString,
+            ),
+            'ReportBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportBatch,
+                    request_deserializer=suanli_dot_fault_dot_proto_dot_health__pb2.HeartbeatBatch.FromString,
+                    response_serializer=suanli_dot_fault_dot_proto_dot_health__pb2.ReportBatchReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -204,6 +221,33 @@ class Health:
             '/suanli.health.v1.Health/ReportNode',
             suanli_dot_fault_dot_proto_dot_health__pb2.NodeHeartbeat.SerializeToString,
             suanli_dot_fault_dot_proto_dot_health__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/suanli.health.v1.Health/ReportBatch',
+            suanli_dot_fault_dot_proto_dot_health__pb2.HeartbeatBatch.SerializeToString,
+            suanli_dot_fault_dot_proto_dot_health__pb2.ReportBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
