@@ -266,7 +266,8 @@ class Trainer:
                 res = StepResult(self.step, loss, grad_norm, lr, dt, tps, self._mfu(tps), self.comm_bytes)
                 results.append(res)
                 if metrics is not None:
-                    metrics.write(json.dumps(res.as_dict()) + "\n")
+                    # wall-clock time of the line: recovery is measured across processes and restarts
+                    metrics.write(json.dumps({**res.as_dict(), "time": round(time.time(), 4)}) + "\n")
                     metrics.flush()
                 progress.update(res)
                 for h in self.hooks.on_step_end:
