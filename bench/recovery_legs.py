@@ -34,16 +34,9 @@ def _append(path: Path, record: dict) -> None:
 
 
 def load_cfg(cfg_toml: str):
-    import tempfile
+    from suanli.infra.config import loads_config
 
-    from suanli.infra.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(cfg_toml)
-    try:
-        return load_config(f.name)
-    finally:
-        os.unlink(f.name)
+    return loads_config(cfg_toml, "the benchmark's config")
 
 
 def train_rank(cfg_toml: str, launcher: str) -> dict:

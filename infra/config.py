@@ -230,6 +230,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def loads_config(text: str, source: str = "<config text>") -> JobConfig:
+    """A config from TOML text (e.g. `to_toml` output shipped to a remote rank)."""
+    cfg = JobConfig()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    apply_overrides(cfg, data, source)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: JobConfig) -> None:
     t, p = cfg.train, cfg.parallel
 

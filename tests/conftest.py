@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,27 @@ def json_lines(output: str, tag: str) -> list[dict]:
 @pytest.fixture
 def workers():
     return run_workers
+
+
+def wait_for(pred, timeout: float, what: str):
+    """Poll `pred` until it returns something true (returned) or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_events(client, job: str) -> list[dict]:
+    """Every event the health daemon behind `client` holds for `job`, as dicts."""
+    from suanli.fault.health.client import event_dict
+
+    return [event_dict(e) for e in client.events(job=job)]
+
+
+def ranks_stepping(client, job: str, n: int, min_step: int = 3) -> bool:
+    """All `n` ranks of `job` are known to the daemon and past `min_step`."""
+    ms = [m for m in client.status(job).members]
+    return len(ms) == n and all(m.step >= min_step for m in ms)

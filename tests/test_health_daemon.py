@@ -21,6 +21,7 @@ import pytest
 from suanli.cli import main as cli_main
 from suanli.fault.health import DetectorConfig, HealthClient, start_daemon
 from suanli.fault.health.client import event_dict
+from conftest import job_events, ranks_stepping, wait_for
 from suanli.infra.launch import free_port, rank_env
 
 WORKER = Path(__file__).parent / "workers" / "health_worker.py"
@@ -52,25 +53,6 @@ def procs():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait(10)
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def job_events(client: HealthClient, job: str) -> list[dict]:
-    return [event_dict(e) for e in client.events(job=job)]
-
-
-def ranks_stepping(client: HealthClient, job: str, n: int, min_step: int = 3) -> bool:
-    ms = [m for m in client.status(job).members]
-    return len(ms) == n and all(m.step >= min_step for m in ms)
 
 
 def test_killed_rank_dead_slow_rank_straggler_healthy_ranks_quiet(daemon, procs, tmp_path):

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from suanli.fault.health import DetectorConfig, HealthClient, start_daemon
-from suanli.fault.health.client import event_dict
 from suanli.fault.proto import health_pb2 as pb
 from suanli.fault.proto import health_pb2_grpc as pbg
+from conftest import job_events, ranks_stepping, wait_for
 from suanli.infra.launch import free_port, rank_env
 
 WORKER = Path(__file__).parent / "workers" / "health_worker.py"
@@ -74,25 +74,6 @@ def then_wait(hb: pb.Heartbeat, seconds: float = 5.0):
     time.sleep(seconds)
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def job_events(client: HealthClient, job: str) -> list[dict]:
-    return [event_dict(e) for e in client.events(job=job)]
-
-
-def stepping(client: HealthClient, job: str, n: int, min_step: int = 3) -> bool:
-    ms = [m for m in client.status(job).members]
-    return len(ms) == n and all(m.step >= min_step for m in ms)
-
-
 def test_heartbeats_arrive_per_rank_through_the_relay_and_a_killed_rank_is_dead(daemon, procs, tmp_path):
     client = HealthClient(daemon.address)
     _, relay = start_agent(procs, daemon.address, "relay-a")
@@ -100,7 +81,7 @@ def test_heartbeats_arrive_per_rank_through_the_relay_and_a_killed_rank_is_dead(
     # The reporters' daemon address leads nowhere: what arrives came through the relay.
     healthy = procs(worker("steps", NOWHERE, "rel", tmp_path, "--ranks", "0,1,2", "--seconds", "120"), env)
     victim = procs(worker("steps", NOWHERE, "rel", tmp_path, "--ranks", "3", "--seconds", "120"), env)
-    wait_for(lambda: stepping(client, "rel", 4), 60, "4 ranks stepping through the relay")
+    wait_for(lambda: ranks_stepping(client, "rel", 4), 60, "4 ranks stepping through the relay")
     members = {m.rank: m for m in client.status("rel").members}
     assert sorted(members) == [0, 1, 2, 3] and all(m.heartbeat_age_s < 2 * INTERVAL for m in members.values())
     node = [m for m in client.status().members if m.rank < 0 and m.node == "relay-a"]
@@ -142,7 +123,7 @@ def test_killed_relay_reporters_fall_back_to_the_daemon_and_no_rank_is_dead(daem
     agent, relay = start_agent(procs, daemon.address, "relay-c")
     ranks = procs(worker("steps", daemon.address, "fall", tmp_path, "--ranks", "0,1,2,3", "--seconds", "120"),
                   {"SUANLI_HEALTH_RELAY": relay})
-    wait_for(lambda: stepping(client, "fall", 4), 60, "4 ranks stepping")
+    wait_for(lambda: ranks_stepping(client, "fall", 4), 60, "4 ranks stepping")
     os.killpg(agent.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     # Through the daemon now: every rank's heartbeat age stays under one dead timeout.

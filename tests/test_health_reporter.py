@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from suanli.fault.health import DetectorConfig, HealthClient, HeartbeatReporter, start_daemon
 from suanli.fault.health.stacks import dump_stacks
+from conftest import wait_for
 from suanli.infra.launch import free_port
 from suanli.infra.trainer import Hooks, StepResult
 
@@ -30,16 +31,6 @@ def daemon(tmp_path_factory):
                      detectors=DetectorConfig(interval_s=0.2, tick_s=0.1))
     yield h
     h.stop()
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_attach_to_trainer_hooks_counts_collectives_and_finishes_done(daemon, tmp_path):

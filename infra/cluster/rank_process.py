@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import traceback
 
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 # Imported here so the zygote pays for them once, not every attempt.
 from suanli.fault.guard import GuardError
-from suanli.infra.config import JobConfig, load_config
+from suanli.infra.config import loads_config
 from suanli.infra.distributed import shutdown
 from suanli.infra.faults import FaultInjector, faults_from_env
 from suanli.infra.trainer import Trainer
@@ -39,15 +38,6 @@ def is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in text for m in COMM_FAILURE_MARKERS)
 
 
-def _load(cfg_toml: str) -> JobConfig:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(cfg_toml)
-    try:
-        return load_config(f.name)
-    finally:
-        os.unlink(f.name)
-
-
 def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
     """Train this rank to the end; 0 on success, 1 with the traceback in `result_path`."""
     os.environ.update(env)
@@ -56,7 +46,7 @@ def run_rank(cfg_toml: str, env: dict[str, str], result_path: str) -> int:
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     rank = int(env.get("RANK", "0"))
     try:
-        trainer = Trainer(_load(cfg_toml))
+        trainer = Trainer(loads_config(cfg_toml, "the supervisor's config"))
         rank = trainer.ctx.rank
         # Faults first: a rank that dies or hangs at the end of a step never reports that
         # step, like a rank that fails inside it.
