@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import json_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,7 @@ def test_losing_a_node_halves_data_parallelism_and_keeps_the_global_batch(tmp_pa
     assert sorted(losses) == list(range(1, 11)) and losses[10] < losses[1]
 
 
+@pytest.mark.timeout(660)  # two new gangs of fresh actors: the slowest supervisor test
 def test_capacity_coming_back_grows_the_job_at_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     sets = [s for s in SETS if not s.startswith("train.steps")] + ["train.steps=24", "train.global_batch=16",
