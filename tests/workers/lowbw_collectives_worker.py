@@ -2,6 +2,8 @@
 torch's plain all-reduce, on 4 ranks treated as 2 "nodes" × 2 (comm.node_size = 2)."""
 
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -94,5 +96,9 @@ out["one_step_bound"] = float(2.0 / 254)
 
 if rank == 0:
     print("RESULT " + json.dumps(out), flush=True)
-torch.distributed.barrier()  # nobody tears down while a peer still talks
-suanli.shutdown()
+torch.distributed.barrier()  # every check above is done on every rank
+# Exit without destroying the process groups: once in many loaded CI runs a rank aborted
+# inside gloo's group destructor ("terminate called without an active exception") after
+# all checks had passed. Teardown is not what this worker tests.
+sys.stdout.flush()
+os._exit(0)
