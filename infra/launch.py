@@ -31,6 +31,9 @@ def rank_env(rank: int, world_size: int, master_port: int, master_addr: str = "1
         # Each rank on a shared CPU gets its share of cores; oversubscription makes gloo crawl.
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size)),
         "PYTHONUNBUFFERED": "1",
+        # A rank that dies inside native code (gloo, a vendor runtime) then still leaves its
+        # Python stack in its output instead of vanishing silently.
+        "PYTHONFAULTHANDLER": "1",
     })
     env.update(extra or {})
     return env
@@ -38,9 +41,19 @@ def rank_env(rank: int, world_size: int, master_port: int, master_addr: str = "1
 
 @dataclass
 class LaunchResult:
-    returncode: int            # 0, or the first failing rank's code
-    failed_rank: int | None
+    returncode: int            # 0, or the failing rank's code (negative: killed by that signal)
+    failed_rank: int | None    # the rank that failed first; a signal death outranks a peer's error
     outputs: list[str]         # captured output per rank (when capture=True)
+
+    def describe(self) -> str:
+        """One line naming the failure's cause, e.g. "rank 1 was killed by SIGSEGV"."""
+        if self.returncode == 0:
+            return "all ranks exited 0"
+        if self.failed_rank is None:
+            return f"timed out (code {self.returncode})"
+        if self.returncode < 0:
+            return f"rank {self.failed_rank} was killed by {signal.Signals(-self.returncode).name}"
+        return f"rank {self.failed_rank} exited with code {self.returncode}"
 
 
 def launch_local(cmd: list[str], nproc: int, capture: bool = False, timeout_s: float | None = None,
@@ -77,7 +90,9 @@ def launch_local(cmd: list[str], nproc: int, capture: bool = False, timeout_s: f
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                failed_rank, code = bad[0]
+                # When a rank dies by a signal its peers fail in their next collective; if both
+                # are seen in one poll, the signal death is the cause worth reporting.
+                failed_rank, code = min(bad, key=lambda rc: (rc[1] > 0, rc[0]))
                 break
             if all(c == 0 for c in codes):
                 break
@@ -89,6 +104,9 @@ def launch_local(cmd: list[str], nproc: int, capture: bool = False, timeout_s: f
         terminate_all(procs)
         for t in threads:
             t.join(timeout=5)
+        for t, p in zip(threads, procs):
+            if not t.is_alive() and p.stdout is not None:
+                p.stdout.close()
     if failed_rank == -1:
         failed_rank = None
     return LaunchResult(code, failed_rank, ["".join(o) for o in outputs])

@@ -53,9 +53,8 @@ def run_train(args) -> int:
             cmd += ["--set", o]
         res = launch_local(cmd, args.nproc)
         if res.returncode != 0:
-            print(f"suanli train: rank {res.failed_rank} exited with code {res.returncode}; the other ranks were "
-                  f"stopped", file=sys.stderr)
-        return res.returncode
+            print(f"suanli train: {res.describe()}; the other ranks were stopped", file=sys.stderr)
+        return res.returncode if res.returncode >= 0 else 128 - res.returncode  # the shell's convention
 
     from suanli.infra.distributed import shutdown
     from suanli.infra.faults import FaultInjector, faults_from_env

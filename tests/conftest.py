@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,17 @@ def run_workers(script: str, nproc: int, *args: str, timeout_s: float = 240, env
     """Run tests/workers/<script> as `nproc` ranks; fail the test with every rank's output
     if any rank fails. Returns each rank's output."""
     extra = {"SUANLI_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    res = launch_local([sys.executable, str(WORKERS / script), *map(str, args)], nproc, capture=True,
-                       timeout_s=timeout_s, extra_env=extra)
+    cmd = [sys.executable, str(WORKERS / script), *map(str, args)]
+    res = launch_local(cmd, nproc, capture=True, timeout_s=timeout_s, extra_env=extra)
+    if res.returncode < 0:
+        # A rank killed by a signal we did not send (once in CI: a silent death inside gloo on a
+        # loaded host, its peer then failing with "connection closed") is not the code under
+        # test failing; run once more, and say so. A second death fails the test.
+        warnings.warn(f"{script}: {res.describe()}; running it once more")
+        res = launch_local(cmd, nproc, capture=True, timeout_s=timeout_s, extra_env=extra)
     if res.returncode != 0:
         logs = "\n".join(f"----- rank {r} -----\n{o[-4000:]}" for r, o in enumerate(res.outputs))
-        pytest.fail(f"{script} failed (rank {res.failed_rank}, code {res.returncode}):\n{logs}")
+        pytest.fail(f"{script} failed: {res.describe()}:\n{logs}\n{script} failed: {res.describe()}")
     return res.outputs
 
 
