@@ -2,17 +2,18 @@
 
     python -m suanli.bench.plan_validate [--json] [--out bench/results]
 
-1. Calibrate: train the model in one process and take its achieved FLOP/s (hardware FLOPs
-   per token × tokens ÷ median forward+backward time) as one CPU "device"'s compute rate,
-   and its clip + optimizer time per parameter as the optimizer cost; for a tensor-parallel
-   layout also time the model with the TP plan on a one-rank mesh (tensor parallel's host
-   cost per layer, nothing on the wire). For a layout
-   of n processes, n such single-process runs go at once (no communication between them),
-   so the rate is measured under the same CPU contention the layout will see — on a shared
-   machine that is not cores/n, it depends on everything else running.
+1. Calibrate compute inside each measured run: before every timed step each of its processes
+   trains a plain (unwrapped) copy of the model on 1/n of the global batch, all at once; the
+   slowest rank's forward+backward × n is one CPU "device"'s time for the whole batch, so the
+   rate (hardware FLOPs per token × tokens ÷ that time) is taken under the same contention,
+   in the same minute, as the step beside it. Its clip + optimizer time per parameter is the
+   optimizer cost. What needs a one-rank mesh is calibrated by n independent 1-process runs
+   at once: the TP plan's and FSDP's host cost per layer (nothing on the wire), and the int8
+   codec's cost per element.
 2. Probe the links: `probe_topology` on 2 gloo processes (loopback) fits alpha and bandwidth
    per collective kind, each timed as a step issues it (right after some computation), and
-   measures how much of a collective gloo hides behind concurrent compute.
+   measures how much of a collective gloo hides behind concurrent compute (reported; the
+   prediction uses 0, see validate).
 3. For each 2- and 4-process layout, measure it with the same training loop; its processes
    first time, in step, each collective kind the layout uses (right after as much compute as
    the layout does between two collectives; DTensor redistributions for TP), so the
@@ -174,21 +175,71 @@ def worker(spec: dict) -> None:
                                                mesh=tp_mesh)
                 probe["kinds"][kind], probe["samples"][kind] = asdict(links[kind]), samples[kind]
         run.pmodel.train()
-        times, counter = [], collective_counter()
+        plain = PlainReference(run)
+        times, phases, counter = [], [], collective_counter()
         for step in range(1, spec["steps"] + 2):
             inputs, targets = make_batch(run.dataset, next(run.sampler))
+            if step <= spec["steps"]:
+                plain.time_step()
             t0 = time.perf_counter()
             if step <= spec["steps"]:
-                train_step(run, step, inputs.to(run.ctx.device), targets.to(run.ctx.device))
+                rec = train_step(run, step, inputs.to(run.ctx.device), targets.to(run.ctx.device))
                 times.append(time.perf_counter() - t0)
+                phases.append({k: v for k, v in rec.items() if k.endswith("_s")})
             else:
                 with counter:
                     train_step(run, step, inputs.to(run.ctx.device), targets.to(run.ctx.device))
         if run.ctx.rank == 0:
-            print("RESULT " + json.dumps({"step_times": times, "collectives": counter.calls,
-                                          "collective_bytes": counter.bytes, "probe": probe}), flush=True)
+            print("RESULT " + json.dumps({"step_times": times, "phases": phases, "collectives": counter.calls,
+                                          "collective_bytes": counter.bytes, "probe": probe,
+                                          "plain_fwd_bwd": plain.fwd_bwd, "plain_optimizer": plain.optimizer,
+                                          "plain_params": plain.n_params}), flush=True)
     dist.barrier()
     suanli.shutdown()
+
+
+class PlainReference:
+    """The compute calibration, run inside the measured layout's own processes: before each
+    timed step every rank trains an unwrapped copy of the model on its share of the global
+    batch (global batch ÷ processes), all at once, so under the very contention and the very
+    minute the step sees; a shared machine's CPU share drifts by 25% within minutes, which two
+    separate launches cannot cancel. A synchronous step goes at its slowest rank's pace, so
+    per step the slowest rank's time counts (an all-reduce MAX)."""
+
+    def __init__(self, run):
+        import torch
+
+        from suanli.infra.model import Transformer
+
+        self.run, self.model = run, Transformer(run.model_cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        mb, seq = run.cfg.train.micro_batch, run.cfg.train.seq_len
+        share = run.cfg.train.global_batch // run.ctx.world_size
+        self.n_micro = max(1, share // mb)
+        self.x = torch.randint(0, run.model_cfg.vocab_size, (mb, seq))
+        self.fwd_bwd: list[float] = []
+        self.optimizer: list[float] = []
+
+    def time_step(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from suanli.infra.model import cross_entropy_loss
+
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(self.n_micro):
+            (cross_entropy_loss(self.model(self.x), self.x) / self.n_micro).backward()
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t = torch.tensor([t1 - t0, time.perf_counter() - t1])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.fwd_bwd.append(float(t[0]))
+        self.optimizer.append(float(t[1]))
+        dist.barrier()
 
 
 def host_overhead(run, wrapper: str, reshard: bool = True, reps: int = 5) -> float:
@@ -262,37 +313,49 @@ def _launch(spec: dict, nproc: int, rank: int = 0) -> dict:
     return found if rank < 0 else found[rank]
 
 
-def _calibrate(nproc: int, steps: int, wrappers: tuple[str, ...] = (), reshard: bool = True,
-               codec: bool = False) -> dict:
-    """Median single-process forward+backward and clip+optimizer seconds per step, with `nproc`
-    independent copies running at once; the host overhead of `wrappers` per layer and
-    micro-batch; the int8 codec's seconds per element (`codec`)."""
-    runs = _launch({"solo": True, "steps": steps, "wrappers": list(wrappers), "reshard": reshard, "codec": codec},
+def _calibrate(nproc: int, wrappers: tuple[str, ...] = (), reshard: bool = True, codec: bool = False) -> dict:
+    """With `nproc` independent 1-process runs at once (the layout's contention): the host
+    overhead of `wrappers` per layer and micro-batch, and the int8 codec's seconds per element
+    (`codec`)."""
+    runs = _launch({"solo": True, "steps": 3, "wrappers": list(wrappers), "reshard": reshard, "codec": codec},
                    nproc, rank=-1)
-    return {"fwd_bwd": statistics.median(statistics.median(r["fwd_bwd"][2:]) for r in runs),
-            "optimizer": statistics.median(statistics.median(r["optimizer"][2:]) for r in runs),
-            "host": {w: statistics.median(r["host_s_per_layer"][w] for r in runs) for w in wrappers},
+    return {"host": {w: statistics.median(r["host_s_per_layer"][w] for r in runs) for w in wrappers},
             "codec": statistics.median(r["codec_s_per_param"] for r in runs) if codec else None}
 
 
 def measure(nproc: int, overrides: list[str], steps: int, probe_kinds: list[str] = (),
             slice_s: float | None = None) -> dict:
     """One real run: median step seconds (2 warm-up steps dropped), collectives per step by
-    kind and their bytes, and the in-step probe of `probe_kinds` run first in its processes."""
+    kind and their bytes, the in-step probe of `probe_kinds` run first in its processes, and
+    the plain model's per-step times beside the steps (PlainReference): the slowest rank's
+    forward+backward on a 1/nproc share of the batch, and its clip + optimizer."""
     r = _launch({"overrides": overrides, "steps": steps, "probe_kinds": list(probe_kinds), "slice_s": slice_s},
                 nproc)
     r["step_s"] = statistics.median(r["step_times"][2:])
+    # The whole global batch in one such process: the share's time × the number of shares.
+    r["single_s"] = statistics.median(r["plain_fwd_bwd"][2:]) * nproc
+    r["optimizer_s_per_param"] = statistics.median(r["plain_optimizer"][2:]) / r["plain_params"]
     return r
 
 
-def _median_links(probes: list[dict]):
-    """Per kind, the median alpha and bandwidth over the rounds' probes."""
+def _median_phases(phases: list[dict]) -> dict:
+    """Rank 0's median time per train_step phase, warm-up steps dropped."""
+    return {k: statistics.median(p[k] for p in phases[2:]) for k in phases[0]} if len(phases) > 2 else {}
+
+
+def _median_links(probes: list[dict], ceiling: dict):
+    """Per kind, the median alpha and bandwidth over the rounds' probes. A bandwidth above the
+    2-process probe's for the kind (`ceiling`) is capped to it: a fit over three sizes on a
+    busier host cannot resolve the bytes term (it has returned 10^9 Gbit/s), and a busier host
+    does not move bytes faster."""
     from suanli.infra.planner import Link
 
     out = {}
     for kind in probes[0]["kinds"] if probes else ():
+        bw = statistics.median(p["kinds"][kind]["bandwidth_gbps"] for p in probes)
+        cap = ceiling.get(kind)
         out[kind] = Link(statistics.median(p["kinds"][kind]["alpha_s"] for p in probes),
-                         statistics.median(p["kinds"][kind]["bandwidth_gbps"] for p in probes))
+                         min(bw, cap.bandwidth_gbps) if cap else bw)
     return out
 
 
@@ -307,7 +370,6 @@ def layout_of(case: Case, micro_batch: int, global_batch: int):
 def validate(steps: int = 8, cases: list[Case] | None = None, rounds: int = 3) -> dict:
     from suanli.bench.flops import hardware_flops_per_token
     from suanli.infra.config import load_config, model_config
-    from suanli.infra.model import count_params
     from suanli.infra.planner import Hardware, Job, collective_counts, predict, topology_from_dict
 
     cases = cases or CASES
@@ -316,40 +378,46 @@ def validate(steps: int = 8, cases: list[Case] | None = None, rounds: int = 3) -
     mcfg = model_config(cfg)
     t = cfg.train
     topo = topology_from_dict(_launch({"probe": True}, 2))
-    n_params = count_params(mcfg, exclude_embedding=False)
     # Every process here is on one host: every group runs over the intra-node link, at the
-    # per-kind figures and the overlap efficiency the probe measured.
-    overlap = topo.overlap_efficiency if topo.overlap_efficiency is not None else 0.0
+    # per-kind figures the probe measured. Overlap efficiency 0: every layout here keeps every
+    # core computing, so gloo's transport and reduction threads run only by preempting compute
+    # (measured: DDP's forward+backward minus the plain model's, in the same processes, equals
+    # or exceeds the standalone all-reduce's time; the "ddp exposed" column shows it per run).
+    # The probe's own overlap figure, from a short micro-benchmark, swung 0.00-0.44 between
+    # runs on this machine; it is reported, not used.
+    overlap = 0.0
 
     rows = []
     for case in cases:
-        # Calibrate right before each measurement, and alternate the two `rounds` times: on a
-        # shared machine the CPU share drifts within minutes; medians damp what is left.
-        # The collectives' in-step latency is calibrated the same way, inside each measured run
-        # (see measure), with the compute between two calls set to what this layout has.
+        # The compute rate comes from the measured run itself (PlainReference). What needs a
+        # one-rank mesh (the TP/FSDP wrappers' host time) or a lone process (the int8 codec)
+        # is calibrated by independent 1-process runs, as many at once as the layout has
+        # processes, alternated with the measurements `rounds` times; medians damp the drift.
+        # The collectives' in-step latency is calibrated inside each measured run (see
+        # measure), with the compute between two calls set to what this layout has.
         job = Job(mcfg, case.nproc, t.seq_len, t.global_batch, "fp32")
         lay = layout_of(case, t.micro_batch, t.global_batch)
         expected = collective_counts(job, lay)
         wrappers = (("tp",) if case.tp > 1 else ()) + (("fsdp",) if case.dp_kind == "fsdp" else ())
         singles, opts, cals, measures, probes, run = [], [], [], [], [], {}
         for _ in range(rounds):
-            cal = _calibrate(case.nproc, steps, wrappers, reshard=case.pp == 1, codec=case.comm == "int8")
-            fb = cal["fwd_bwd"]
-            singles.append(fb)
-            opts.append(cal["optimizer"])
-            cals.append(cal)
-            between = fb / (case.tp * case.pp) / max(1.0, sum(expected.values()))
+            if wrappers or case.comm == "int8":
+                cals.append(_calibrate(case.nproc, wrappers, reshard=case.pp == 1, codec=case.comm == "int8"))
+            between = (singles[-1] if singles else 0.25) / (case.tp * case.pp) / max(1.0, sum(expected.values()))
             run = measure(case.nproc, case.overrides, steps, sorted(expected), min(0.1, max(5e-4, between)))
+            singles.append(run["single_s"])
+            opts.append(run["optimizer_s_per_param"])
             measures.append(run["step_s"])
             probes.append(run["probe"])
         counted, counted_bytes = run["collectives"], run["collective_bytes"]
         single, measured = statistics.median(singles), statistics.median(measures)
         tokens = t.global_batch * t.seq_len
         rate = hardware_flops_per_token(mcfg, t.seq_len) * tokens / single
-        kinds = _median_links(probes)
+        kinds = _median_links(probes, topo.kinds.get("intra_node", {}))
         hw = Hardware("cpu", rate, 1e15, case.nproc, topo.intra, topo.intra, overlap,
-                      optimizer_s_per_param=statistics.median(opts) / n_params, kinds={"intra_node": kinds},
-                      host_s_per_layer={w: statistics.median(c["host"][w] for c in cals) for w in wrappers})
+                      optimizer_s_per_param=statistics.median(opts), kinds={"intra_node": kinds},
+                      host_s_per_layer={w: statistics.median(c["host"][w] for c in cals) for w in wrappers},
+                      cores_per_node=cores)
         if case.comm == "int8":
             hw.codec_s_per_param = statistics.median(c["codec"] for c in cals)
         pred = predict(job, lay, hw)
@@ -361,10 +429,12 @@ def validate(steps: int = 8, cases: list[Case] | None = None, rounds: int = 3) -
                      "collectives_counted": counted, "collective_bytes_counted": counted_bytes,
                      "in_step_links": {k: {"alpha_s": v.alpha_s, "bandwidth_gbps": v.bandwidth_gbps}
                                        for k, v in kinds.items()}, "in_step_probes": probes,
-                     "host_s_per_layer": hw.host_s_per_layer, "codec_s_per_param": hw.codec_s_per_param})
+                     "host_s_per_layer": hw.host_s_per_layer, "codec_s_per_param": hw.codec_s_per_param,
+                     "phases": _median_phases(run["phases"])})
     return {"machine": {"cpu_count": cores, "load_avg": os.getloadavg()}, "model": "tiny",
             "seq_len": t.seq_len, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
-            "topology": topo.to_dict(), "overlap_efficiency": overlap, "tolerance": TOLERANCE, "rows": rows,
+            "topology": topo.to_dict(), "overlap_efficiency": overlap,
+            "probe_overlap_efficiency": topo.overlap_efficiency, "tolerance": TOLERANCE, "rows": rows,
             "passed": sum(r["ok"] for r in rows), "total": len(rows),
             "counts_match": sum(_counts_match(r) for r in rows)}
 
@@ -387,6 +457,17 @@ def _alphas(row: dict) -> str:
     return ", ".join(f"{SHORT.get(k, k)} {v['alpha_s'] * 1e3:.2f} ms" for k, v in sorted(row["in_step_links"].items()))
 
 
+def _fmt(x: float | None) -> str:
+    return "nothing" if x is None else f"{x:.2f}"
+
+
+def _ddp_exposed(row: dict) -> str:
+    """DDP's sync time left exposed in the step, set against the all-reduce time it predicts."""
+    exposed = row["phases"].get("fwd_bwd_s", 0.0) - row["single_process_s"] / row["nproc"]
+    return (f"{row['layout']}: {exposed * 1e3:.1f} ms exposed, all-reduces predicted "
+            f"{row['breakdown']['dp_comm'] * 1e3:.1f} ms")
+
+
 def format_report(r: dict) -> str:
     link = r["topology"]["links"]["intra_node"]
     kinds = r["topology"].get("collectives", {}).get("intra_node", {})
@@ -398,12 +479,15 @@ def format_report(r: dict) -> str:
              f"{r['micro_batch']}, fp32, gloo. Link probe (loopback, 2 processes): back-to-back all-reduce "
              f"alpha {link['alpha_s'] * 1e6:.0f} us per ring step, {link['bandwidth_gbps']:.1f} Gbit/s; "
              f"in step, per kind (alpha per ring step + bus bandwidth): {per_kind or 'not measured'}; "
-             f"overlap efficiency {r['overlap_efficiency']:.2f}. Per layout: compute rate, the TP/FSDP "
-             f"wrappers' host time (wrapper on a one-rank mesh minus the plain model) and the int8 codec's cost "
-             f"calibrated by as many independent 1-process runs as the layout has processes; then the measured "
-             f"run first times each collective kind it uses in step on its own groups (the per-kind alpha and "
-             f"bandwidth the prediction uses, last column), then trains. Calibration and measurement alternate "
-             f"{len(r['rows'][0]['measurements_s']) if r['rows'] else 0} times, medians taken.", "",
+             f"overlap efficiency used {r['overlap_efficiency']:.2f} (every core computes; the probe's own "
+             f"micro-benchmark said {_fmt(r.get('probe_overlap_efficiency'))}). Per layout: the compute rate and "
+             f"optimizer cost come from a plain copy of the model trained in the layout's own processes before "
+             f"each timed step, each on 1/procs of the batch, slowest rank per step; the TP/FSDP wrappers' host "
+             f"time (wrapper on a one-rank mesh minus the plain model) and the int8 codec's cost from as many "
+             f"independent 1-process runs as the layout has processes; the measured run first times each "
+             f"collective kind it uses in step on its own groups (the per-kind alpha and bandwidth the "
+             f"prediction uses, last column), then trains. "
+             f"{len(r['rows'][0]['measurements_s']) if r['rows'] else 0} rounds per layout, medians taken.", "",
              "| layout | procs | predicted s | measured s | error | within 25% | compute | comm (tp+pp+dp+step+codec) "
              "| collectives per step, predicted/counted | in-step alpha per ring step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -414,6 +498,11 @@ def format_report(r: dict) -> str:
         lines.append(f"| {row['layout']} | {row['nproc']} | {row['predicted_s']:.3f} | {row['measured_s']:.3f} | "
                      f"{100 * row['error']:+.1f}% | {'yes' if row['ok'] else 'NO'} | {b['compute']:.3f}{host} | "
                      f"{comm:.3f} | {_counts(row)} | {_alphas(row)} |")
+    exposed = [_ddp_exposed(row) for row in r["rows"] if row["layout"].split()[1:2] == ["ddp"]
+               and "fp32" in row["layout"]]
+    if exposed:
+        lines += ["", "Overlap check, DDP fp32 (rank 0, same processes): forward+backward with DDP minus the "
+                  "plain model's = " + "; ".join(exposed) + "."]
     lines += ["", f"{r['passed']}/{r['total']} layouts within {100 * r['tolerance']:.0f}%; collective counts match "
               f"on {r['counts_match']}/{r['total']} (counted on rank 0 over one step by a dispatch-mode counter; "
               f"the planner counts the heaviest stage, which for pp is the last, rank 0 the first, "

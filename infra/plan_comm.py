@@ -61,12 +61,14 @@ class Link:
         """Seconds per byte."""
         return 8.0 / (self.bandwidth_gbps * 1e9)
 
-    def cost(self, kind: str, nbytes: float, n: int, concurrent: int = 1) -> float:
-        """Seconds for one collective; `concurrent` rings share this link's bandwidth."""
+    def cost(self, kind: str, nbytes: float, n: int, concurrent: int = 1, latency_share: float = 1.0) -> float:
+        """Seconds for one collective; `concurrent` rings share this link's bandwidth; only
+        `latency_share` of the per-step latency is paid (see planner.wait_reclaimed)."""
         if n <= 1 and kind != "p2p":
             return 0.0
         n = max(n, 2)
-        return ring_steps(kind, n) * self.alpha_s + bus_factor(kind, n) * nbytes * self.beta * concurrent
+        return (latency_share * ring_steps(kind, n) * self.alpha_s
+                + bus_factor(kind, n) * nbytes * self.beta * concurrent)
 
 
 @dataclass

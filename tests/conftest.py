@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -68,3 +70,21 @@ def ranks_stepping(client, job: str, n: int, min_step: int = 3) -> bool:
     """All `n` ranks of `job` are known to the daemon and past `min_step`."""
     ms = [m for m in client.status(job).members]
     return len(ms) == n and all(m.step >= min_step for m in ms)
+
+
+@pytest.fixture
+def procs():
+    """Start processes (own session, output piped) and SIGKILL whatever is left at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        started.append(p)
+        return p
+
+    yield spawn
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ENV = {**os.environ, "SUANLI_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -38,28 +37,12 @@ def daemon(tmp_path_factory):
     h.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-
-    def spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, str(WORKER), *args], env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        started.append(p)
-        return p
-
-    yield spawn
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(10)
-
-
 def test_killed_rank_dead_slow_rank_straggler_healthy_ranks_quiet(daemon, procs, tmp_path):
     client = HealthClient(daemon.address)
     common = ["--addr", daemon.address, "--job", "mix", "--run-dir", str(tmp_path), "--interval", str(INTERVAL)]
-    healthy = procs("steps", *common, "--ranks", "0,1,2", "--slow", "2:0.3", "--seconds", "120")
-    victim = procs("steps", *common, "--ranks", "3", "--seconds", "120")
+    steps = [sys.executable, str(WORKER), "steps", *common]
+    healthy = procs([*steps, "--ranks", "0,1,2", "--slow", "2:0.3", "--seconds", "120"])
+    victim = procs([*steps, "--ranks", "3", "--seconds", "120"])
     wait_for(lambda: ranks_stepping(client, "mix", 4), 60, "4 ranks stepping")
     time.sleep(1.0)
     killed_at = time.time()
@@ -86,7 +69,7 @@ def test_rank_stuck_before_a_gloo_collective_is_the_hung_suspect_and_dumps_stack
     args = ["gloo", "--addr", daemon.address, "--job", "gloo", "--run-dir", str(tmp_path), "--interval",
             str(INTERVAL), "--hang-rank", "2", "--hang-after", "15", "--step-time", "0.05"]
     for r in range(world):
-        procs(*args, env=rank_env(r, world, port, extra={"OMP_NUM_THREADS": "1"}))
+        procs([sys.executable, str(WORKER), *args], env=rank_env(r, world, port))
     hung = wait_for(lambda: [e for e in job_events(client, "gloo") if e["kind"] == "hung"], 90, "the hung event")
     ev = hung[0]
     assert ev["rank"] == 2 and ev["detail"]["suspects"] == [2], ev

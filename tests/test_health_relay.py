@@ -37,23 +37,6 @@ def daemon(tmp_path_factory):
     h.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-
-    def spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        started.append(p)
-        return p
-
-    yield spawn
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(10)
-
-
 def start_agent(procs, daemon_addr: str, node: str, *extra: str) -> tuple[subprocess.Popen, str]:
     relay = f"127.0.0.1:{free_port()}"
     agent = procs([sys.executable, "-m", "suanli.cli", "health", "agent", "--daemon", daemon_addr,

@@ -168,6 +168,24 @@ def test_per_kind_latency_and_overlap_efficiency_drive_the_prediction():
     assert hidden["dp_comm"] < base[ddp]["dp_comm"] and base[ddp]["dp_comm"] > 0
 
 
+def test_oversubscribed_cpu_host_reclaims_waits_not_bytes():
+    """4 processes on 2 cores: a waiting rank's core goes to the others, so the pipeline bubble
+    and collective latency cost nothing; the bytes (CPU work) still do. Accelerators: no change."""
+    job = Job(preset("tiny"), 4, 128, 16, "fp32")
+    pp_dp = Layout(1, 2, 2, "fsdp", 2, 2, 4, "none", "fp32")
+    own = _cpu_like(overlap=0.0)
+    own.devices_per_node = 4
+    shared = _cpu_like(overlap=0.0)
+    shared.devices_per_node, shared.cores_per_node = 4, 2
+    a, b = predict(job, pp_dp, own).time, predict(job, pp_dp, shared).time
+    assert a["bubble"] > 0 and b["bubble"] == 0
+    assert 0 < b["pp_comm"] < a["pp_comm"] and 0 < b["dp_comm"] < a["dp_comm"]
+    assert b["compute"] == a["compute"]
+    enough = _cpu_like(overlap=0.0)
+    enough.devices_per_node, enough.cores_per_node = 4, 4       # one core per process: nothing shared
+    assert predict(job, pp_dp, enough).time == a
+
+
 def test_topology_per_kind_fields_roundtrip_and_errors(tmp_path):
     topo = Topology(Link(5e-6, 3600.0), Link(2e-5, 25.0), 8, kinds={"inter_node": {"all_gather": Link(4e-5, 20.0)}},
                     overlap_efficiency=0.3)

@@ -3,7 +3,6 @@ tiny training run, a real SIGKILL), the cause-vs-consequence test on errors, and
 view's incremental reading of metrics.jsonl."""
 
 import json
-import os
 import signal
 from pathlib import Path
 
