@@ -367,7 +367,7 @@ def layout_of(case: Case, micro_batch: int, global_batch: int):
                   global_batch // dp // micro_batch, "none", case.comm)
 
 
-def validate(steps: int = 8, cases: list[Case] | None = None, rounds: int = 3) -> dict:
+def validate(steps: int = 12, cases: list[Case] | None = None, rounds: int = 3) -> dict:
     from suanli.bench.flops import hardware_flops_per_token
     from suanli.infra.config import load_config, model_config
     from suanli.infra.planner import Hardware, Job, collective_counts, predict, topology_from_dict
@@ -513,7 +513,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m suanli.bench.plan_validate", description=__doc__.splitlines()[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=int, default=8, help="steps per run (the first 2 are not timed)")
+    ap.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are not timed)")
     ap.add_argument("--rounds", type=int, default=3, help="calibrate/measure alternations per layout")
     ap.add_argument("--cases", default=None, help="comma-separated layout names to run (default: all)")
     ap.add_argument("--json", action="store_true")

@@ -27,6 +27,9 @@ divided by the rings crossing at once (devices per node / ring members per node)
                              layout); suanli's manual path (int8, DiLoCo) is fully exposed
   step-level collectives   = the loss reduction and the gradient-norm reductions of clipping
   int8 codec               = quantize/dequantize work of the manual int8 path, per element
+  oversubscribed CPU host  = more processes than cores (Hardware.cores_per_node; validation
+                             only): waits, the bubble and collective latency, go to the other
+                             processes (wait_reclaimed); compute and bytes do not
 Peak FLOP/s comes from the HAL's table (backends/peak_flops.py). The default achievable
 fraction 0.5 is the end-to-end share of peak large dense-transformer trainings report
 (Megatron-LM, Narayanan et al. 2021: 52% of A100 peak at 1T parameters; MegaScale, Jiang
@@ -95,7 +98,8 @@ class Hardware:
     inter: Link
     # Share of an overlappable collective the backend really hides behind compute: GPUs run
     # collectives on their own engines/SMs (1.0 unless the topology file measured less); gloo
-    # runs on the CPU cores that also compute, so little hides (the CPU probe measures it).
+    # runs on the CPU cores that also compute, so when every core computes nothing hides
+    # (bench/plan_validate.py uses 0; the probe's micro-benchmark figure is too noisy).
     overlap_efficiency: float = 1.0
     peak_flops: float | None = None
     # Clip + AdamW per parameter held: memory-bound, it reads weights, grads and both moments
