@@ -35,6 +35,10 @@ RESUME_CASES = {
     # step 4 has fragment 1's averaged pseudo-gradient (launched at step 3) still to apply
     "diloco-int8-overlap": DILOCO + ["comm.diloco_streaming_fragments=2", "comm.diloco_overlap_steps=1"],
     "int8-grad": ["parallel.dp_replicate=2", 'comm.grad="int8"'],
+    # torch's powerSGD_hook: compressing from step 3, so the step-4 checkpoint holds residuals
+    # and warm-start P/Q, and the resumed DDP meets them on its construction-time buckets
+    "powersgd-ddp-hook": ["parallel.dp_replicate=2", 'comm.grad="powersgd"', "comm.powersgd_rank=2",
+                          "comm.powersgd_warmup_steps=2"],
 }
 
 

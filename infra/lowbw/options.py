@@ -19,7 +19,8 @@ outer copy, momentum, replica weights and inner optimizer state, PowerSGD's Q an
 different on every rank, so the checkpoint keeps it per rank (TrainState.per_rank). The
 trainer holds a `CommCheckpoint` slot from the start; attach_comm_options binds the options
 to it (`trainer.comm_checkpoint`), applying a state the resume loaded before they existed.
-torch's own DDP hooks (bf16, powerSGD_hook) keep their state inside DDP: not checkpointed.
+torch's bf16/fp16 DDP hooks have no state; powerSGD_hook's (residuals, warm-start P/Q, its
+iteration and RNG) is the part "powersgd_ddp", kept per parameter (ddp_hook_state.py).
 
 `comm_bytes` is what this rank sent in the step to synchronize gradients (DiLoCo: pseudo-
 gradients), plus compressed pipeline-boundary traffic when comm.pp_compress is on, counted
@@ -54,6 +55,7 @@ import torch.distributed as dist
 from suanli.infra.lowbw.allreduce import (FlatReducer, HierarchicalReducer, Reducer, average_tensors_,
                                           build_hierarchy, data_parallel_groups, dedicated_group, load_reducer_state,
                                           node_ids, reducer_state, ring_allreduce_bytes, ring_half_bytes)
+from suanli.infra.lowbw.ddp_hook_state import PowerSGDHookStates
 from suanli.infra.lowbw.pipeline_compress import BoundaryCompression, ByteCounter, compress_pipeline
 
 
@@ -176,7 +178,7 @@ def make_reducer(ctx, codec: str, block: int, error_feedback: bool, hierarchical
     return HierarchicalReducer(h.intra, FlatReducer(h.inter, codec, block, error_feedback))
 
 
-def _ddp_hook(ddp_modules, c, group, counter: ByteCounter) -> str:
+def _ddp_hook(ddp_modules, c, group, counter: ByteCounter, parts: dict) -> str:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
 
     n = dist.get_world_size(group)
@@ -196,14 +198,18 @@ def _ddp_hook(ddp_modules, c, group, counter: ByteCounter) -> str:
     # different ranks (a mismatch gloo aborts on); finishing each bucket before the next
     # keeps the order. Device backends run the callbacks in stream order and need no wait.
     serialize = dist.get_backend(group) == "gloo"
+    states = PowerSGDHookStates()
     for m in ddp_modules:
         # torch needs >= 2 plain iterations first: DDP rebuilds its buckets after the first.
         state = psgd.PowerSGDState(process_group=group, matrix_approximation_rank=c.powersgd_rank,
                                    start_powerSGD_iter=max(2, c.powersgd_warmup_steps),
                                    use_error_feedback=c.error_feedback, warm_start=True, random_seed=0)
 
-        def hook(state, bucket):
+        def hook(tracked, bucket):
+            state = tracked.state
             compressed = state.iter >= state.start_powerSGD_iter
+            if compressed:
+                tracked.before(bucket)
             before = state.total_numel_after_compression
             fut = psgd.powerSGD_hook(state, bucket)
             numel = state.total_numel_after_compression - before if compressed else bucket.buffer().numel()
@@ -212,7 +218,8 @@ def _ddp_hook(ddp_modules, c, group, counter: ByteCounter) -> str:
                 fut.wait()
             return fut
 
-        m.register_comm_hook(state, hook)
+        m.register_comm_hook(states.add(m, state), hook)
+    parts["powersgd_ddp"] = states
     return "torch DDP powerSGD_hook"
 
 
@@ -300,7 +307,7 @@ def attach_comm_options(trainer) -> CommOptions:
         opts.estimate = lambda: ring_allreduce_bytes(sum(q.numel() for q in params) * 4, n)
         opts.describe_path = "torch DDP all-reduce (fp32)"
     elif use_hook:
-        opts.describe_path = _ddp_hook(pmodel.modules, c, group, opts.counter)
+        opts.describe_path = _ddp_hook(pmodel.modules, c, group, opts.counter, opts.parts)
     elif c.grad == "powersgd":
         from suanli.infra.lowbw.powersgd import PowerSGD
 
